@@ -1,0 +1,173 @@
+"""LongGenConfig: Megatron-Core's TransformerConfig plus the LongGen fields.
+
+This dataclass is the one source of truth for the hybrid stack: which layers keep full
+attention, which sparse pattern the others use and its parameters, the RoPE base, and which
+attention backend runs it. Patterns are built from it with ``layer_pattern``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_longgen.attention.patterns import (
+    AttnSinkPattern,
+    BlockSparsePattern,
+    CausalPattern,
+    Pattern,
+)
+
+SPARSE_PATTERNS = ("attn_sink", "block_sparse")
+PLACEMENTS = ("middle", "top", "bottom", "interleave", "all", "none")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
+
+
+def full_attention_layer_indices(
+    num_layers: int, placement: str = "middle", ratio: float = 1 / 3
+) -> Tuple[int, ...]:
+    """0-based indices of the full-attention layers for a named placement.
+
+    ``round(num_layers * ratio)`` layers are full: the middle ones (default), the top (last)
+    ones, the bottom (first) ones, or spread evenly (``interleave``).
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"full_attention_placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "all":
+        return tuple(range(num_layers))
+    if placement == "none":
+        return ()
+    n_full = int(math.floor(num_layers * ratio + 0.5))
+    if placement == "bottom":
+        return tuple(range(n_full))
+    if placement == "top":
+        return tuple(range(num_layers - n_full, num_layers))
+    if placement == "middle":
+        start = (num_layers - n_full) // 2
+        return tuple(range(start, start + n_full))
+    # interleave: the centre of each of n_full equal slices of the stack.
+    return tuple(int((i + 0.5) * num_layers / n_full) for i in range(n_full))
+
+
+@dataclass
+class LongGenConfig(TransformerConfig):
+    """TransformerConfig with the LongGen hybrid-attention fields."""
+
+    sparse_attention: str = "attn_sink"
+    """Pattern of the sparse layers: ``attn_sink`` or ``block_sparse``."""
+
+    sink_tokens: int = 64
+    """AttnSink: number of leading tokens every query reads."""
+
+    sliding_window_size: int = 4096
+    """AttnSink: number of most recent tokens (the query included) every query reads. Named
+    apart from TransformerConfig.window_size, which is Megatron's own (left, right) window."""
+
+    sparse_block_size: int = 64
+    """BlockSparse: tokens per block (a power of two, at least 16, for the GPU kernels)."""
+
+    local_blocks: int = 16
+    """BlockSparse: most recent key blocks each query block reads (its own included)."""
+
+    vert_stride: int = 8
+    """BlockSparse: every ``vert_stride``-th key block is read by all later query blocks."""
+
+    homo_head: bool = False
+    """BlockSparse: True gives every head the same vertical blocks; False shifts them per
+    query group so that the heads together read every block."""
+
+    full_attention_layers: Optional[List[int]] = None
+    """Explicit 0-based indices of the full-attention layers; overrides the placement."""
+
+    full_attention_placement: str = "middle"
+    """``middle``, ``top``, ``bottom``, ``interleave``, ``all`` or ``none``."""
+
+    full_attention_ratio: float = 1 / 3
+    """Fraction of layers kept full by a named placement."""
+
+    rotary_base: float = 10000.0
+    """RoPE base; length extension raises it (e.g. 10000 -> 500000 for 4K -> 128K)."""
+
+    core_attention_backend: str = "auto"
+    """``auto``, ``reference`` (exact, pure torch), ``sdpa`` (full layers), ``flex``, ``triton``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_longgen()
+
+    def _validate_longgen(self):
+        def fail(msg):
+            raise ValueError(f"LongGenConfig: {msg}")
+
+        if self.sparse_attention not in SPARSE_PATTERNS:
+            fail(f"sparse_attention must be one of {SPARSE_PATTERNS}, got {self.sparse_attention!r}")
+        if self.sink_tokens < 0:
+            fail(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.sliding_window_size < 1:
+            fail(f"sliding_window_size must be >= 1, got {self.sliding_window_size}")
+        b = self.sparse_block_size
+        if b < 16 or b & (b - 1):
+            fail(f"sparse_block_size must be a power of two >= 16, got {b}")
+        if self.local_blocks < 1:
+            fail(f"local_blocks must be >= 1 (a block reads itself), got {self.local_blocks}")
+        if self.vert_stride < 1:
+            fail(f"vert_stride must be >= 1, got {self.vert_stride}")
+        if self.full_attention_placement not in PLACEMENTS:
+            fail(
+                f"full_attention_placement must be one of {PLACEMENTS}, "
+                f"got {self.full_attention_placement!r}"
+            )
+        if not 0.0 <= self.full_attention_ratio <= 1.0:
+            fail(f"full_attention_ratio must be in [0, 1], got {self.full_attention_ratio}")
+        if self.full_attention_layers is not None:
+            layers = list(self.full_attention_layers)
+            bad = [i for i in layers if not 0 <= int(i) < self.num_layers]
+            if bad:
+                fail(f"full_attention_layers {bad} out of range for num_layers={self.num_layers} "
+                     "(indices are 0-based)")
+            if len(set(layers)) != len(layers):
+                fail(f"full_attention_layers has duplicates: {layers}")
+        if self.rotary_base <= 0:
+            fail(f"rotary_base must be > 0, got {self.rotary_base}")
+        if self.core_attention_backend not in ATTENTION_BACKENDS:
+            fail(f"core_attention_backend must be one of {ATTENTION_BACKENDS}, "
+                 f"got {self.core_attention_backend!r}")
+        if self.attention_dropout != 0.0:
+            fail(f"attention_dropout must be 0 (LongGen attention has no dropout; Llama uses "
+                 f"none), got {self.attention_dropout}")
+        if self.num_attention_heads % self.num_query_groups:
+            fail(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                 f"num_query_groups={self.num_query_groups}")
+
+    # ---- derived views (never stored, so the fields above stay the only truth) ----
+
+    @property
+    def full_layer_indices(self) -> Tuple[int, ...]:
+        """0-based indices of the full-attention layers."""
+        if self.full_attention_layers is not None:
+            return tuple(sorted(int(i) for i in self.full_attention_layers))
+        return full_attention_layer_indices(
+            self.num_layers, self.full_attention_placement, self.full_attention_ratio
+        )
+
+    def is_full_layer(self, layer_number: int) -> bool:
+        """``layer_number`` is Megatron's: 1-based and global (pipeline offset included)."""
+        return (layer_number - 1) in self.full_layer_indices
+
+    def sparse_pattern(self) -> Pattern:
+        if self.sparse_attention == "attn_sink":
+            return AttnSinkPattern(self.sink_tokens, self.sliding_window_size)
+        return BlockSparsePattern(
+            block_size=self.sparse_block_size,
+            local_blocks=self.local_blocks,
+            vert_stride=self.vert_stride,
+            homo_head=self.homo_head,
+            num_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+        )
+
+    def layer_pattern(self, layer_number: int) -> Pattern:
+        """The attention pattern of Megatron layer ``layer_number`` (1-based, global)."""
+        return CausalPattern() if self.is_full_layer(layer_number) else self.sparse_pattern()
