@@ -228,12 +228,14 @@ def _contiguous_states(pattern, seq_len, block_q, block_k, heads_t) -> torch.Ten
 
 def _pool_states(fine: torch.Tensor, fq: int, fk: int, nq: int, nk: int) -> torch.Tensor:
     h, mq, mk = fine.shape
-    # Pad the tail with FULL so that it does not spoil all-allowed; any-allowed is unaffected.
-    padded = torch.full((h, nq * fq, nk * fk), FULL, dtype=torch.int8)
-    padded[:, :mq, :mk] = fine
-    tiles = padded.view(h, nq, fq, nk, fk)
-    any_allowed = (tiles.amax(dim=(2, 4)) > EMPTY)
-    all_allowed = (tiles.amin(dim=(2, 4)) == FULL)
+
+    def tiles(pad_value):  # units past the sequence end must not sway the verdict
+        padded = torch.full((h, nq * fq, nk * fk), pad_value, dtype=torch.int8)
+        padded[:, :mq, :mk] = fine
+        return padded.view(h, nq, fq, nk, fk)
+
+    any_allowed = tiles(EMPTY).amax(dim=(2, 4)) > EMPTY
+    all_allowed = tiles(FULL).amin(dim=(2, 4)) == FULL
     return _tile_state(any_allowed, all_allowed)
 
 

@@ -5,6 +5,7 @@ Used by the tests and the CPU quickstart only; the GPU path never imports it. It
     tensor-parallel init fork it even with dropout 0);
   * a TorchFunctionMode that sends ``device="cuda"``, ``.cuda()`` and ``.to("cuda")`` to the
     CPU and drops ``pin_memory``;
+  * CUDA type strings from ``Tensor.type()`` (Megatron's optimizer asserts them);
   * no-op stand-ins for the few ``torch.cuda`` calls Megatron makes unconditionally.
 """
 
@@ -21,7 +22,7 @@ _INSTALLED = False
 def _is_cuda(device) -> bool:
     if device is None:
         return False
-    if isinstance(device, int):
+    if isinstance(device, int) and not isinstance(device, bool):
         return True
     if isinstance(device, str):
         return device.startswith("cuda")
@@ -40,10 +41,13 @@ class _CudaToCpu(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "cuda":  # Tensor.cuda()
             return args[0]
-        if name == "to" and args:
-            args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
+        if name == "to" and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
         if name == "pin_memory":
             return args[0]
+        if name == "type" and len(args) == 1 and not kwargs:
+            # Megatron's optimizer asserts type strings like 'torch.cuda.FloatTensor'.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
@@ -109,6 +113,7 @@ def install_cpu_shim() -> None:
     torch.cuda.manual_seed_all = lambda *a, **k: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
     _CudaToCpu().__enter__()  # stays on for the life of the process
     _INSTALLED = True
 
