@@ -10,11 +10,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def megatron_cpu():
     """Single-process Megatron-Core (TP=PP=CP=1) on CPU with gloo."""
-    from megatron_longgen.parallel.initialize import destroy_parallel, initialize_parallel
+    from megatron.core import parallel_state
 
-    initialize_parallel(device="cpu", seed=1234)
-    yield
-    destroy_parallel()
+    from megatron_longgen.parallel.initialize import initialize_parallel
+
+    if not parallel_state.model_parallel_is_initialized() or (
+        parallel_state.get_tensor_model_parallel_world_size() != 1
+        or parallel_state.get_pipeline_model_parallel_world_size() != 1
+    ):
+        initialize_parallel(device="cpu", seed=1234)

@@ -50,6 +50,8 @@ def initialize_parallel(
         from megatron_longgen.utils.cpu_shim import install_cpu_shim
 
         install_cpu_shim()
+    if parallel_state.model_parallel_is_initialized():  # re-initialising within one process
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,

@@ -101,7 +101,7 @@ class TrainConfig:
         return world // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                          * self.context_parallel_size)
 
-    def validate(self, world_size: int) -> None:
+    def validate(self, world_size: int, datasets_given: bool = False) -> None:
         """Impossible settings fail here, before any work starts, with the fix in the message."""
         mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
         if world_size % mp:
@@ -120,7 +120,7 @@ class TrainConfig:
         if self.seq_length % (2 * self.context_parallel_size) and self.context_parallel_size > 1:
             raise ValueError(f"--seq-length must be divisible by 2 x --context-parallel-size "
                              f"= {2 * self.context_parallel_size}")
-        if not self.mock_data and not self.data_path:
+        if not (self.mock_data or self.data_path or datasets_given):
             raise ValueError("give --data-path (prefixes from tools/preprocess_data.py) or --mock-data")
         if self.finetune and not self.load:
             raise ValueError("--finetune loads weights from --load; give --load")

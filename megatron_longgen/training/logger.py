@@ -64,7 +64,7 @@ class MetricsLogger:
         width = len(str(self.train_iters))
         parts = [f"iter {iteration:>{width}}/{self.train_iters}"]
         fmt = {"lm loss": "{:.4f}", "lr": "{:.3e}", "grad norm": "{:.3f}", "tokens/s": "{:,.0f}",
-               "step time s": "{:.3f}", "TFLOP/s/GPU": "{:.1f}", "MFU %": "{:.1f}", "mem GB": "{:.2f}"}
+               "step time s": "{:.3f}", "TFLOP/s/GPU": "{:.3g}", "MFU %": "{:.1f}", "mem GB": "{:.2f}"}
         for key, spec in fmt.items():
             if metrics.get(key) is not None:
                 parts.append(f"{key} {spec.format(metrics[key])}")

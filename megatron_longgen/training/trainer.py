@@ -82,7 +82,7 @@ class Trainer:
         )
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        train.validate(dist.get_world_size())
+        train.validate(dist.get_world_size(), datasets_given=datasets is not None)
         self.config = model_config_from(train)
         self.vocab_size = vocab_size_for(train)
         self.model = build_model(self.config, train, self.vocab_size)

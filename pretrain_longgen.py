@@ -1,0 +1,8 @@
+"""LongGen length-extension training on Megatron-Core. See README.md and --help."""
+
+import sys
+
+from megatron_longgen.train import main
+
+if __name__ == "__main__":  # required: checkpoint saving starts worker processes
+    main(sys.argv[1:])
