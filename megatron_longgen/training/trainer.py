@@ -19,6 +19,7 @@ from megatron_longgen.training.batches import RandomTokenDataset, micro_batches,
 from megatron_longgen.training.flops import training_flops_per_sequence
 from megatron_longgen.training.logger import MetricsLogger, memory_gb, peak_tflops, print_rank0
 from megatron_longgen.training.setup import build_model, build_optimizer, model_config_from, vocab_size_for
+from megatron_longgen.utils.accelerators import describe
 
 
 @dataclass
@@ -97,6 +98,13 @@ class Trainer:
             print_rank0(f"loaded {train.load} at iteration {self.iteration}"
                         + (" (weights only)" if train.finetune else ""))
         self.flops_per_sequence = training_flops_per_sequence(self.config, train.seq_length, self.vocab_size)
+        full = self.config.full_layer_indices
+        print_rank0(
+            f"LongGen {train.model}: {self.config.num_layers} layers, full attention at {list(full)}, "
+            f"others {self.config.sparse_attention} | world {dist.get_world_size()} "
+            f"(TP {train.tensor_model_parallel_size}, PP {train.pipeline_model_parallel_size}, "
+            f"CP {train.context_parallel_size}, DP {parallel_state.get_data_parallel_world_size()}) | "
+            f"accelerators: {describe()}")
 
     def _mock_datasets(self):
         if not self.train.mock_data:

@@ -137,3 +137,46 @@ def test_launcher_runs_two_ranks_on_cpu():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "iter 4/4" in proc.stdout
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config):
+    from megatron_longgen.training.setup import model_config_from
+
+    train = parse_args(["--config", str(config)])
+    model = model_config_from(train)
+    if "longgen" in config.name:
+        assert len(model.full_layer_indices) == round(model.num_layers / 3)
+    if "_full" in config.name:
+        assert len(model.full_layer_indices) == model.num_layers
+
+
+def test_entry_point_help():
+    proc = subprocess.run([sys.executable, "pretrain_longgen.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--tensor-model-parallel-size", "--context-parallel-size", "--sliding-window-size"):
+        assert flag in proc.stdout
+
+
+def test_packed_documents_train_and_stay_apart(tmp_path):
+    """--reset-attention-mask: EOD-separated documents become THD packed sequences."""
+    from megatron_longgen.training.batches import packed_seq_params_from_eod
+
+    eod = 3
+    params = packed_seq_params_from_eod(torch.tensor([[5, 6, eod, 7, 8, 9, eod, 1]]), eod)
+    assert params.qkv_format == "thd"
+    assert params.cu_seqlens_q.tolist() == [0, 3, 7, 8]
+
+    class EodMotifs(MotifDataset):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["tokens"] = item["tokens"].clone()
+            item["tokens"][20] = eod
+            return item
+
+    train = parse_args(flags(tmp_path, "--train-iters", "3", "--micro-batch-size", "1",
+                             "--reset-attention-mask"))
+    data = EodMotifs()
+    result = Trainer(train, datasets=(data, data), eod_id=eod).fit()
+    assert len(result.losses) == 3 and all(l == l for l in result.losses.values())
