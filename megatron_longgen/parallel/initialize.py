@@ -32,13 +32,14 @@ def initialize_parallel(
     """Initialise torch.distributed (if needed), Megatron's groups and the RNG tracker."""
     device_type = torch.device(device).type
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
+            dist.init_process_group(backend=backend)
+        else:  # a plain single process; leaves the environment alone for child processes
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if world % model_parallel:

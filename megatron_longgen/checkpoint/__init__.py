@@ -1,0 +1,17 @@
+"""Checkpoint conversion between HF Llama folders and Megatron-Core torch_dist checkpoints.
+
+* ``hf_to_megatron``: HF Llama (safetensors or .bin, sharded or not) -> the trainer's
+  checkpoint layout, with the LongGen settings recorded next to it.
+* ``megatron_to_hf``: a trainer or converted checkpoint (any TP/PP layout) -> an HF folder
+  that runs the hybrid model (``trust_remote_code=True``) or a plain Llama.
+"""
+
+from megatron_longgen.checkpoint.convert import (
+    ExportOptions,
+    ImportOptions,
+    hf_to_megatron,
+    megatron_to_hf,
+)
+from megatron_longgen.checkpoint.errors import ConversionError
+
+__all__ = ["ConversionError", "ExportOptions", "ImportOptions", "hf_to_megatron", "megatron_to_hf"]

@@ -1,0 +1,324 @@
+"""HF Llama <-> Megatron-Core torch_dist conversions (the tools are thin CLIs over these)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_longgen.checkpoint import layout, megatron_io, verify
+from megatron_longgen.checkpoint.errors import ConversionError, staged_output
+from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
+from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
+from megatron_longgen.training.setup import padded_vocab_size
+
+HF_MODELING_DIR = os.path.join(os.path.dirname(__file__), "hf_modeling")
+HF_MODELING_FILES = ("configuration_longgen.py", "modeling_longgen.py")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
+
+
+def _progress(tag: str, done: int, total: int, start: float) -> None:
+    print(f"[{tag}] layer {done}/{total} ({time.time() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def check_target_parallel(shape: LlamaShape, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"target parallel sizes must be >= 1, got TP={tp}, PP={pp}")
+    if shape.num_attention_heads % tp or shape.num_query_groups % tp:
+        raise ConversionError(
+            f"target TP={tp} must divide num_attention_heads={shape.num_attention_heads} and "
+            f"num_query_groups={shape.num_query_groups}")
+    if shape.num_layers % pp:
+        raise ConversionError(f"target PP={pp} must divide num_layers={shape.num_layers}")
+
+
+# ---------------------------------------------------------------- HF -> Megatron
+
+
+@dataclass
+class ImportOptions:
+    hf_dir: str
+    megatron_dir: str
+    target_tensor_parallel_size: int = 1
+    target_pipeline_parallel_size: int = 1
+    dtype: str = "bf16"
+    longgen: LongGenSettings = field(default_factory=LongGenSettings)
+    verify: bool = False
+    verify_seq_length: int = 128
+    verify_tolerance: Optional[float] = None
+    overwrite: bool = False
+
+
+def _check_hf_tensors(weights: LazyHFWeights, shape: LlamaShape) -> None:
+    expected = layout.expected_hf_shapes(shape)
+    names = set(weights.names())
+    missing = sorted(set(expected) - names)
+    if missing:
+        raise ConversionError(f"{len(missing)} tensors missing from {weights.hf_dir}: {missing[:5]}")
+    unexpected = sorted(n for n in names - set(expected)
+                        if not n.endswith(layout.IGNORED_SUFFIXES)
+                        and not (shape.tie_word_embeddings and n == layout.OUTPUT[0]))
+    if unexpected:
+        raise ConversionError(f"unsupported architecture: tensors a Llama does not have: {unexpected[:5]}")
+    for name, want in expected.items():
+        got = tuple(weights.shape_of(name))
+        if got != want:
+            raise ConversionError(f"config/weight shape mismatch: {name} is {got}, config.json implies {want}")
+
+
+def _fill(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ConversionError(f"config/weight shape mismatch at {name}: {tuple(value.shape)} vs {tuple(param.shape)}")
+    param.data.copy_(value)
+
+
+def _fill_megatron(model, weights: LazyHFWeights, record: CheckpointRecord) -> None:
+    """Copy HF tensors into the Megatron params one layer at a time, reading each lazily."""
+    shape, params = record.shape, dict(model.named_parameters())
+    filled = set()
+
+    def put(name, value):
+        _fill(params[name], value, name)
+        filled.add(name)
+
+    put(layout.EMBED[1], layout.pad_vocab(weights.get(layout.EMBED[0]), record.padded_vocab_size))
+    start = time.time()
+    for i in range(shape.num_layers):
+        for suffix, value in layout.megatron_layer_from_hf(weights.get, i, shape).items():
+            put(layout.megatron_layer_prefix(i) + suffix, value)
+        _progress("hf->megatron", i + 1, shape.num_layers, start)
+    put(layout.FINAL_NORM[1], weights.get(layout.FINAL_NORM[0]))
+    # Untied in Megatron (as the trainer builds it): a tied HF model gets a copy of the table.
+    output_src = layout.EMBED[0] if shape.tie_word_embeddings else layout.OUTPUT[0]
+    put(layout.OUTPUT[1], layout.pad_vocab(weights.get(output_src), record.padded_vocab_size))
+    left = sorted(set(params) - filled)
+    if left:
+        raise ConversionError(f"Megatron parameters not filled from HF: {left[:5]}")
+
+
+def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
+    """Convert ``opts.hf_dir`` into a trainer checkpoint at ``opts.megatron_dir``."""
+    if opts.dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {opts.dtype!r}")
+    hf_config = read_hf_config(opts.hf_dir)
+    shape = llama_shape(hf_config)
+    tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+    check_target_parallel(shape, tp, pp)
+    weights = LazyHFWeights(opts.hf_dir)
+    _check_hf_tensors(weights, shape)
+    record = CheckpointRecord(
+        shape=shape, longgen=opts.longgen, padded_vocab_size=padded_vocab_size(shape.vocab_size, tp),
+        dtype=opts.dtype, target_tensor_parallel_size=tp, target_pipeline_parallel_size=pp,
+        hf_config=hf_config)
+    megatron_io.megatron_config(record)  # LongGen settings are checked before any work
+    if shape.rms_norm_eps != 1e-5:
+        print(f"note: rms_norm_eps={shape.rms_norm_eps:g} is recorded in {os.path.basename(opts.megatron_dir)}"
+              "/longgen_config.json; the trainer's Llama presets use 1e-5", file=sys.stderr)
+
+    megatron_io.init_single_process()
+    model = megatron_io.build_model(record)
+    _fill_megatron(model, weights, record)
+    weights.close()
+    with staged_output(opts.megatron_dir, opts.overwrite) as tmp:
+        if opts.verify:
+            _verify_import(model, opts, record)
+        megatron_io.save(model, tmp)
+        record.save(tmp, os.path.abspath(opts.megatron_dir))
+    print(f"wrote {opts.megatron_dir} (TP={tp}, PP={pp} ready; {opts.dtype})", file=sys.stderr)
+    return record
+
+
+def _verify_import(model, opts: ImportOptions, record: CheckpointRecord) -> verify.LogitComparison:
+    """HF LlamaForCausalLM vs the imported weights with every Megatron layer full."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(opts.hf_dir, dtype=DTYPES[opts.dtype]).eval()
+    ids = verify.sample_tokens(record.shape.vocab_size, seq_length=opts.verify_seq_length)
+    expected = verify.hf_logits(hf, ids)
+    del hf
+    with megatron_io.all_full_attention(model):
+        got = verify.megatron_logits(model, ids, record.shape.vocab_size)
+    return verify.check(verify.compare(expected, got, opts.dtype, opts.verify_tolerance))
+
+
+# ---------------------------------------------------------------- Megatron -> HF
+
+
+@dataclass
+class ExportOptions:
+    megatron_dir: str
+    hf_dir: str
+    iteration: Optional[int] = None
+    dtype: Optional[str] = None  # None: the checkpoint's
+    plain_llama: bool = False
+    tokenizer_dir: Optional[str] = None
+    max_shard_size: int = 5 * 2**30
+    verify: bool = False
+    verify_seq_length: int = 128
+    verify_tolerance: Optional[float] = None
+    overwrite: bool = False
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most ``max_bytes`` each, plus the index."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: List[List[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.shards)}.tmp"),
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(os.path.join(self.directory, "shard-0.tmp"),
+                       os.path.join(self.directory, "model.safetensors"))
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{i}.tmp"), os.path.join(self.directory, final))
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as fh:
+            json.dump(index, fh, indent=2)
+
+
+def _hf_config_dict(record: CheckpointRecord, dtype: str, plain: bool) -> dict:
+    from transformers import LlamaConfig
+
+    s = record.shape
+    kept = {k: record.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                             "initializer_range", "pretraining_tp")
+            if k in record.hf_config}
+    config = LlamaConfig(
+        **kept, vocab_size=s.vocab_size, hidden_size=s.hidden_size,
+        intermediate_size=s.ffn_hidden_size, num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_query_groups,
+        head_dim=s.head_dim, rms_norm_eps=s.rms_norm_eps,
+        max_position_embeddings=s.max_position_embeddings, hidden_act="silu",
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": record.rotary_base})
+    out = config.to_dict()
+    out["dtype"] = str(DTYPES[dtype]).replace("torch.", "")
+    if plain:
+        out.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        return out
+    g = record.longgen
+    out.update(
+        model_type="longgen", architectures=["LongGenForCausalLM"],
+        auto_map={"AutoConfig": "configuration_longgen.LongGenConfig",
+                  "AutoModelForCausalLM": "modeling_longgen.LongGenForCausalLM"},
+        sparse_attention=g.sparse_attention, sink_tokens=g.sink_tokens,
+        sliding_window_size=g.sliding_window_size, sparse_block_size=g.sparse_block_size,
+        local_blocks=g.local_blocks, vert_stride=g.vert_stride, homo_head=g.homo_head,
+        full_attention_layers=record.full_layers,
+        full_attention_placement=g.full_attention_placement if g.full_attention_layers is None else None,
+        full_attention_ratio=g.full_attention_ratio if g.full_attention_layers is None else None,
+    )
+    return out
+
+
+def _write_hf_weights(model, record: CheckpointRecord, directory: str, dtype: torch.dtype,
+                      max_shard_size: int) -> None:
+    writer = ShardWriter(directory, max_shard_size)
+    vocab = record.shape.vocab_size
+
+    def add(name, t):  # own storage: safetensors refuses views into one shared buffer
+        writer.add(name, t.detach().to(dtype=dtype, copy=True).contiguous())
+
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    add(layout.EMBED[0], state[layout.EMBED[1]][:vocab])
+    start = time.time()
+    for i in range(record.shape.num_layers):
+        for name, t in layout.hf_layer_from_megatron(megatron_io.layer_params(model, i), i, record.shape).items():
+            add(name, t)
+        _progress("megatron->hf", i + 1, record.shape.num_layers, start)
+    add(layout.FINAL_NORM[0], state[layout.FINAL_NORM[1]])
+    add(layout.OUTPUT[0], state[layout.OUTPUT[1]][:vocab])
+    writer.close()
+
+
+def _copy_tokenizer(tokenizer_dir: str, directory: str) -> List[str]:
+    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if not found:
+        raise ConversionError(f"no tokenizer files in {tokenizer_dir} (looked for {', '.join(TOKENIZER_FILES)})")
+    for f in found:
+        shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(directory, f))
+    return found
+
+
+def megatron_to_hf(opts: ExportOptions) -> CheckpointRecord:
+    """Export a trainer or converted checkpoint (any TP/PP layout) to an HF folder."""
+    megatron_io.init_single_process()
+    record = megatron_io.record_for(opts.megatron_dir, opts.iteration)
+    dtype = opts.dtype or record.dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if opts.plain_llama and len(record.full_layers) != record.shape.num_layers:
+        raise ConversionError(
+            f"--plain-llama needs every layer full, but layers "
+            f"{sorted(set(range(record.shape.num_layers)) - set(record.full_layers))} are sparse; "
+            "export without --plain-llama to keep the hybrid attention")
+    model = megatron_io.build_model(record)
+    megatron_io.load(model, opts.megatron_dir, opts.iteration)
+    with staged_output(opts.hf_dir, opts.overwrite) as tmp:
+        _write_hf_weights(model, record, tmp, DTYPES[dtype], opts.max_shard_size)
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(_hf_config_dict(record, dtype, opts.plain_llama), fh, indent=2)
+        if not opts.plain_llama:
+            for f in HF_MODELING_FILES:
+                shutil.copy2(os.path.join(HF_MODELING_DIR, f), os.path.join(tmp, f))
+        if opts.tokenizer_dir:
+            _copy_tokenizer(opts.tokenizer_dir, tmp)
+        if opts.verify:
+            _verify_export(model, tmp, record, dtype, opts)
+    print(f"wrote {opts.hf_dir} ({'Llama' if opts.plain_llama else 'LongGen'}, {dtype})", file=sys.stderr)
+    return record
+
+
+def load_hf_export(path: str, dtype: Optional[torch.dtype] = None):
+    """Load an exported folder the way users do (remote code for LongGen, no network)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype,
+                                                local_files_only=True).eval()
+
+
+def _verify_export(model, path: str, record: CheckpointRecord, dtype: str, opts: ExportOptions):
+    ids = verify.sample_tokens(record.shape.vocab_size, seq_length=opts.verify_seq_length)
+    # Compare in the export dtype: cast the Megatron copy only if it differs.
+    if DTYPES[dtype] != DTYPES[record.dtype]:
+        model = model.to(DTYPES[dtype])
+    got = verify.megatron_logits(model, ids, record.shape.vocab_size)
+    hf = load_hf_export(path, DTYPES[dtype])
+    expected = verify.hf_logits(hf, ids)
+    del hf
+    return verify.check(verify.compare(expected, got, dtype, opts.verify_tolerance))

@@ -1,0 +1,43 @@
+"""Config of an exported LongGen model: a Llama config plus the hybrid-attention fields."""
+
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+SPARSE_PATTERNS = ("attn_sink", "block_sparse")
+
+
+class LongGenConfig(LlamaConfig):
+    """``full_attention_layers`` (0-based) keep causal attention; every other layer uses
+    ``sparse_attention``. Placement names are resolved at export so this file needs no rule
+    for them; ``full_attention_placement`` / ``full_attention_ratio`` are kept for reference."""
+
+    model_type = "longgen"
+
+    def __init__(
+        self,
+        sparse_attention="attn_sink",
+        sink_tokens=64,
+        sliding_window_size=4096,
+        sparse_block_size=64,
+        local_blocks=16,
+        vert_stride=8,
+        homo_head=False,
+        full_attention_layers=None,
+        full_attention_placement=None,
+        full_attention_ratio=None,
+        **kwargs,
+    ):
+        if sparse_attention not in SPARSE_PATTERNS:
+            raise ValueError(f"sparse_attention must be one of {SPARSE_PATTERNS}, got {sparse_attention!r}")
+        self.sparse_attention = sparse_attention
+        self.sink_tokens = int(sink_tokens)
+        self.sliding_window_size = int(sliding_window_size)
+        self.sparse_block_size = int(sparse_block_size)
+        self.local_blocks = int(local_blocks)
+        self.vert_stride = int(vert_stride)
+        self.homo_head = bool(homo_head)
+        self.full_attention_layers = None if full_attention_layers is None else [int(i) for i in full_attention_layers]
+        self.full_attention_placement = full_attention_placement
+        self.full_attention_ratio = full_attention_ratio
+        super().__init__(**kwargs)
+        if self.full_attention_layers is None:  # no LongGen layout given: every layer full
+            self.full_attention_layers = list(range(self.num_hidden_layers))

@@ -1,0 +1,164 @@
+"""The Megatron side of a conversion: one TP=1, PP=1 model in a single CPU process.
+
+torch_dist checkpoints are layout independent (each tensor is stored with its global shape),
+so a model saved from one process loads at any TP/PP, and any layout loads into one process.
+Saving and loading go through the trainer's own checkpoint functions, so the layout on disk
+is exactly what ``--load`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_longgen.attention.patterns import CausalPattern
+from megatron_longgen.checkpoint.errors import ConversionError
+from megatron_longgen.checkpoint.hf_files import LlamaShape
+from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
+from megatron_longgen.config import LongGenConfig
+from megatron_longgen.models.gpt import build_longgen_model
+from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
+from megatron_longgen.training import checkpointing
+
+EMBED_KEY = "embedding.word_embeddings.weight"
+
+
+def init_single_process(device: str = "cpu") -> None:
+    """Megatron's groups with TP = PP = 1 in this process (gloo on CPU)."""
+    from megatron_longgen.parallel.initialize import initialize_parallel
+
+    if (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        return
+    initialize_parallel(device=device)
+
+
+def megatron_config(record: CheckpointRecord, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                    **overrides) -> LongGenConfig:
+    s, g = record.shape, record.longgen
+    kwargs = dict(
+        LLAMA_ARCH,
+        num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
+        num_attention_heads=s.num_attention_heads, num_query_groups=s.num_query_groups,
+        kv_channels=s.head_dim, layernorm_epsilon=s.rms_norm_eps,
+        rotary_base=record.rotary_base, sparse_attention=g.sparse_attention,
+        sink_tokens=g.sink_tokens, sliding_window_size=g.sliding_window_size,
+        sparse_block_size=g.sparse_block_size, local_blocks=g.local_blocks,
+        vert_stride=g.vert_stride, homo_head=g.homo_head,
+        full_attention_layers=record.full_layers,
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        params_dtype=DTYPES[record.dtype], pipeline_dtype=DTYPES[record.dtype],
+        # Weights are overwritten by the conversion: skip the (slow, for 70B) random init.
+        use_cpu_initialization=True, perform_initialization=False,
+    )
+    kwargs.update(overrides)
+    return LongGenConfig(**kwargs)
+
+
+def build_model(record: CheckpointRecord, **config_overrides):
+    """This process's GPTModel for ``record`` (the whole model when TP = PP = 1)."""
+    config = megatron_config(record, parallel_state.get_tensor_model_parallel_world_size(),
+                             parallel_state.get_pipeline_model_parallel_world_size(), **config_overrides)
+    model = build_longgen_model(config, record.padded_vocab_size, record.shape.max_position_embeddings)
+    return model.eval()
+
+
+def save(model, root: str) -> str:
+    """The trainer's layout: ``root/iter_0000000`` + tracker ``0``; load it with ``--finetune``."""
+    return checkpointing.save_checkpoint(root, 0, [model], None, None, consumed_samples=0)
+
+
+def checkpoint_dir(root: str, iteration: Optional[int]) -> str:
+    if os.path.isfile(os.path.join(root, "metadata.json")):
+        return root
+    it = iteration if iteration is not None else checkpointing.read_latest_iteration(root)
+    if it is None:
+        raise ConversionError(f"no checkpoint in {root}: neither {checkpointing.TRACKER} nor metadata.json")
+    path = checkpointing.checkpoint_name(root, it)
+    if not os.path.isdir(path):
+        raise ConversionError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _saved_tensor_meta(path: str) -> Dict[str, object]:
+    return dist_checkpointing.load_tensors_metadata(path)
+
+
+def record_for(root: str, iteration: Optional[int]) -> CheckpointRecord:
+    """The record of a converted checkpoint, or one rebuilt from a trainer checkpoint's flags."""
+    path = checkpoint_dir(root, iteration)
+    meta = _saved_tensor_meta(path)
+    if EMBED_KEY not in meta:
+        raise ConversionError(f"{path} holds no {EMBED_KEY}; is it a LongGen/GPT checkpoint?")
+    embed = meta[EMBED_KEY]
+    dtype = {v: k for k, v in DTYPES.items()}.get(embed.dtype)
+    if dtype is None:
+        raise ConversionError(f"unsupported checkpoint dtype {embed.dtype}")
+    record = CheckpointRecord.load(root) or CheckpointRecord.load(os.path.dirname(path))
+    if record is None:
+        record = _record_from_trainer(path)
+    record.padded_vocab_size = int(embed.global_shape[0])  # as saved, whatever TP padded it
+    record.dtype = dtype
+    if embed.global_shape[1] != record.shape.hidden_size:
+        raise ConversionError(f"config/weight shape mismatch: {EMBED_KEY} is {tuple(embed.global_shape)} "
+                              f"but hidden_size is {record.shape.hidden_size}")
+    return record
+
+
+def _record_from_trainer(path: str) -> CheckpointRecord:
+    from megatron_longgen.training.arguments import TrainConfig
+    from megatron_longgen.training.setup import model_config_from
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    if "train_config" not in common:
+        raise ConversionError(f"{path} has neither a longgen_config.json nor the trainer's train_config")
+    train = TrainConfig(**common["train_config"])
+    train.tensor_model_parallel_size = train.pipeline_model_parallel_size = 1
+    train.virtual_pipeline_model_parallel_size, train.context_parallel_size = None, 1
+    train.sequence_parallel, train.device = False, "cpu"
+    cfg = model_config_from(train)
+    preset = get_preset(train.model)
+    shape = LlamaShape(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        head_dim=cfg.kv_channels, vocab_size=train.vocab_size or preset.vocab_size,
+        rms_norm_eps=cfg.layernorm_epsilon, rope_theta=cfg.rotary_base,
+        max_position_embeddings=train.seq_length, tie_word_embeddings=False)
+    settings = LongGenSettings(
+        sparse_attention=cfg.sparse_attention, sink_tokens=cfg.sink_tokens,
+        sliding_window_size=cfg.sliding_window_size, sparse_block_size=cfg.sparse_block_size,
+        local_blocks=cfg.local_blocks, vert_stride=cfg.vert_stride, homo_head=cfg.homo_head,
+        full_attention_layers=list(cfg.full_layer_indices), rotary_base=cfg.rotary_base)
+    return CheckpointRecord(shape=shape, longgen=settings, padded_vocab_size=0)
+
+
+def load(model, root: str, iteration: Optional[int]) -> None:
+    checkpointing.load_checkpoint(root, [model], finetune=True, iteration=iteration)
+
+
+def layer_params(model, i: int) -> Dict[str, torch.Tensor]:
+    """Layer ``i``'s tensors keyed by their per-layer suffix (TP = PP = 1 model)."""
+    layer = model.decoder.layers[i]
+    return {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+
+
+@contextlib.contextmanager
+def all_full_attention(model):
+    """Temporarily make every layer causal: how an HF Llama must match the imported weights."""
+    from megatron_longgen.attention.core_attention import LongGenCoreAttention
+
+    saved = []
+    for module in model.modules():
+        if isinstance(module, LongGenCoreAttention):
+            saved.append((module, module.pattern))
+            module.pattern, module._backend_cache = CausalPattern(), {}
+    try:
+        yield model
+    finally:
+        for module, pattern in saved:
+            module.pattern, module._backend_cache = pattern, {}

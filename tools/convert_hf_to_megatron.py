@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""HF Llama folder -> Megatron-Core torch_dist checkpoint for the LongGen trainer.
+
+Example (Llama-2 7B, for training at TP=2 with the middle third of layers full):
+
+    python tools/convert_hf_to_megatron.py --hf-dir Llama-2-7b-hf --megatron-dir ckpt/llama2-7b \\
+        --target-tensor-parallel-size 2 --dtype bf16 --rotary-base 500000 --verify
+
+Then train with ``pretrain_longgen.py --load ckpt/llama2-7b --finetune`` plus the flags
+recorded in ``ckpt/llama2-7b/longgen_config.json`` (``trainer_flags``).
+"""
+
+import argparse
+import sys
+
+from megatron_longgen.config import PLACEMENTS, SPARSE_PATTERNS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + weights)")
+    p.add_argument("--megatron-dir", required=True, help="output checkpoint directory (created)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                   help="TP the trainer will use: checked against heads/groups, sets vocab padding")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1,
+                   help="PP the trainer will use: checked against the number of layers")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    g = p.add_argument_group("LongGen settings (recorded with the checkpoint)")
+    g.add_argument("--sparse-attention", choices=SPARSE_PATTERNS, default="attn_sink")
+    g.add_argument("--sink-tokens", type=int, default=64)
+    g.add_argument("--sliding-window-size", type=int, default=4096)
+    g.add_argument("--sparse-block-size", type=int, default=64)
+    g.add_argument("--local-blocks", type=int, default=16)
+    g.add_argument("--vert-stride", type=int, default=8)
+    g.add_argument("--homo-head", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--full-attention-placement", choices=PLACEMENTS, default="middle")
+    g.add_argument("--full-attention-ratio", type=float, default=1 / 3)
+    g.add_argument("--full-attention-layers", type=int, nargs="+",
+                   help="explicit 0-based full layers (overrides the placement)")
+    g.add_argument("--rotary-base", type=float, default=None,
+                   help="RoPE base for the target length (default: the HF model's rope_theta)")
+    v = p.add_argument_group("verification")
+    v.add_argument("--verify", action="store_true",
+                   help="compare HF and Megatron logits (all layers full) before writing")
+    v.add_argument("--verify-seq-length", type=int, default=128)
+    v.add_argument("--verify-tolerance", type=float, default=None,
+                   help="max |logit diff| allowed (default: 1e-3 fp32, 0.1 fp16, 0.5 bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --megatron-dir")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_longgen.checkpoint import ConversionError, ImportOptions, hf_to_megatron
+    from megatron_longgen.checkpoint.record import LongGenSettings
+
+    settings = LongGenSettings(
+        sparse_attention=args.sparse_attention, sink_tokens=args.sink_tokens,
+        sliding_window_size=args.sliding_window_size, sparse_block_size=args.sparse_block_size,
+        local_blocks=args.local_blocks, vert_stride=args.vert_stride, homo_head=args.homo_head,
+        full_attention_placement=args.full_attention_placement,
+        full_attention_ratio=args.full_attention_ratio,
+        full_attention_layers=args.full_attention_layers, rotary_base=args.rotary_base)
+    opts = ImportOptions(
+        hf_dir=args.hf_dir, megatron_dir=args.megatron_dir,
+        target_tensor_parallel_size=args.target_tensor_parallel_size,
+        target_pipeline_parallel_size=args.target_pipeline_parallel_size, dtype=args.dtype,
+        longgen=settings, verify=args.verify, verify_seq_length=args.verify_seq_length,
+        verify_tolerance=args.verify_tolerance, overwrite=args.overwrite)
+    try:
+        hf_to_megatron(opts)
+    except (ConversionError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # guard needed: dist_checkpointing starts a spawn-mode Manager
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Megatron-Core torch_dist checkpoint (any TP/PP layout) -> HF folder.
+
+Example (a LongGen model trained from Llama-2 7B):
+
+    python tools/convert_megatron_to_hf.py --megatron-dir ckpt/longgen-7b --hf-dir longgen-7b-hf \\
+        --tokenizer-dir Llama-2-7b-hf --verify
+
+Load it with ``AutoModelForCausalLM.from_pretrained("longgen-7b-hf", trust_remote_code=True)``.
+``--plain-llama`` writes a LlamaForCausalLM instead (only for models with every layer full).
+"""
+
+import argparse
+import sys
+
+
+def _size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[:-2]) * factor)
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--megatron-dir", required=True,
+                   help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* dir")
+    p.add_argument("--hf-dir", required=True, help="output HF folder (created)")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the exported weights (default: the checkpoint's)")
+    p.add_argument("--plain-llama", action="store_true",
+                   help="write a plain LlamaForCausalLM without the LongGen fields")
+    p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from this folder")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export with transformers and compare logits with Megatron's")
+    p.add_argument("--verify-seq-length", type=int, default=128)
+    p.add_argument("--verify-tolerance", type=float, default=None,
+                   help="max |logit diff| allowed (default: 1e-3 fp32, 0.1 fp16, 0.5 bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf-dir")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_longgen.checkpoint import ConversionError, ExportOptions, megatron_to_hf
+
+    opts = ExportOptions(
+        megatron_dir=args.megatron_dir, hf_dir=args.hf_dir, iteration=args.iteration,
+        dtype=args.dtype, plain_llama=args.plain_llama, tokenizer_dir=args.tokenizer_dir,
+        max_shard_size=args.max_shard_size, verify=args.verify,
+        verify_seq_length=args.verify_seq_length, verify_tolerance=args.verify_tolerance,
+        overwrite=args.overwrite)
+    try:
+        megatron_to_hf(opts)
+    except (ConversionError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # guard needed: dist_checkpointing starts a spawn-mode Manager
+    sys.exit(main())
