@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, preprocessing to indexed datasets, blended GPT datasets, passkeys."""
