@@ -1,39 +1,13 @@
-"""Micro-batches for this data-parallel rank, resumable from a count of consumed samples.
-
-Iteration ``i`` reads global samples ``[consumed, consumed + global_batch_size)``; data-parallel
-rank ``r`` takes its contiguous share, cut into micro-batches. Because the position is just
-``consumed_samples``, a resumed run reads exactly the samples the uninterrupted run would.
-"""
+"""What the training loop needs beyond the data package: packed-document parameters for
+Megatron and random-token data for ``--mock-data``."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
-
-
-def micro_batches(
-    dataset: Sequence[Dict[str, torch.Tensor]],
-    consumed_samples: int,
-    micro_batch_size: int,
-    global_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-) -> Iterator[Dict[str, torch.Tensor]]:
-    per_rank = global_batch_size // dp_size
-    start = consumed_samples
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("the training dataset is empty")
-    while True:
-        first = start + dp_rank * per_rank
-        for mb in range(0, per_rank, micro_batch_size):
-            items = [dataset[(first + mb + j) % n] for j in range(micro_batch_size)]
-            yield {key: torch.stack([torch.as_tensor(item[key]) for item in items])
-                   for key in ("tokens", "labels", "loss_mask", "position_ids")}
-        start += global_batch_size
 
 
 def packed_seq_params_from_eod(tokens: torch.Tensor, eod_id: int) -> Optional[PackedSeqParams]:

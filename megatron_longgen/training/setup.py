@@ -22,6 +22,20 @@ from megatron_longgen.models.presets import get_preset, longgen_config
 from megatron_longgen.training.arguments import MODEL_FIELDS, TrainConfig
 
 
+def initialize_for(train: TrainConfig) -> None:
+    """Process groups and RNG for ``train``'s parallel layout."""
+    from megatron_longgen.parallel.initialize import initialize_parallel
+
+    initialize_parallel(
+        tensor_model_parallel_size=train.tensor_model_parallel_size,
+        pipeline_model_parallel_size=train.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=train.virtual_pipeline_model_parallel_size,
+        context_parallel_size=train.context_parallel_size,
+        seed=train.seed,
+        device=train.device,
+    )
+
+
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, multiple: int = 128) -> int:
     """Megatron pads the vocabulary so that each TP rank's slice is a multiple of 128."""
     step = multiple * tensor_model_parallel_size

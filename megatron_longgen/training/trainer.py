@@ -12,13 +12,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_longgen.parallel.initialize import initialize_parallel
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import TrainConfig
-from megatron_longgen.training.batches import RandomTokenDataset, micro_batches, packed_seq_params_from_eod
+from megatron_longgen.data.datasets import iterate_batches
+from megatron_longgen.training.batches import RandomTokenDataset, packed_seq_params_from_eod
 from megatron_longgen.training.flops import training_flops_per_sequence
 from megatron_longgen.training.logger import MetricsLogger, memory_gb, peak_tflops, print_rank0
-from megatron_longgen.training.setup import build_model, build_optimizer, model_config_from, vocab_size_for
+from megatron_longgen.training.setup import (
+    build_model,
+    build_optimizer,
+    initialize_for,
+    model_config_from,
+    vocab_size_for,
+)
 from megatron_longgen.utils.accelerators import describe
 
 
@@ -73,14 +79,7 @@ class Trainer:
     def __init__(self, train: TrainConfig, datasets: Optional[Tuple] = None, eod_id: Optional[int] = None):
         self.train = train
         self.device = torch.device(train.device)
-        initialize_parallel(
-            tensor_model_parallel_size=train.tensor_model_parallel_size,
-            pipeline_model_parallel_size=train.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=train.virtual_pipeline_model_parallel_size,
-            context_parallel_size=train.context_parallel_size,
-            seed=train.seed,
-            device=train.device,
-        )
+        initialize_for(train)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         train.validate(dist.get_world_size(), datasets_given=datasets is not None)
@@ -120,11 +119,14 @@ class Trainer:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
 
     def _iterators(self, dataset, consumed: int):
-        """One iterator per model chunk (virtual pipeline stages read the same micro-batches)."""
+        """One iterator per model chunk (virtual pipeline stages read the same micro-batches).
+
+        The position is just ``consumed_samples``, so a resumed run reads exactly the samples
+        the uninterrupted run would."""
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
-        its = [micro_batches(dataset, consumed, self.train.micro_batch_size,
-                             self.train.global_batch_size, dp_rank, dp) for _ in self.model]
+        its = [iterate_batches(dataset, self.train.micro_batch_size, consumed, dp_rank, dp)
+               for _ in self.model]
         return its if len(its) > 1 else its[0]
 
     def _run(self, data_iterator, forward_only: bool):
@@ -149,6 +151,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
+        if self.valid_ds is None:
+            return None
         for chunk in self.model:
             chunk.eval()
         it = self._iterators(self.valid_ds, 0)
@@ -201,8 +205,10 @@ class Trainer:
                     "mem GB": memory_gb(self.device),
                 }, start_iteration)
             if train.eval_interval and self.iteration % train.eval_interval == 0:
-                result.eval_losses[self.iteration] = self.evaluate()
-                print_rank0(f"validation at iter {self.iteration}: lm loss {result.eval_losses[self.iteration]:.4f}")
+                eval_loss = self.evaluate()
+                if eval_loss is not None:
+                    result.eval_losses[self.iteration] = eval_loss
+                    print_rank0(f"validation at iter {self.iteration}: lm loss {eval_loss:.4f}")
             if train.save and train.save_interval and self.iteration % train.save_interval == 0:
                 result.checkpoint = self.save()
             if train.exit_interval and self.iteration % train.exit_interval == 0:
