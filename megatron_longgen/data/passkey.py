@@ -168,3 +168,39 @@ def score_passkey(generated: str, passkey: str) -> bool:
     """True when the first number in the generated continuation is the passkey."""
     match = re.search(r"\d+", generated)
     return match is not None and match.group(0) == passkey
+
+
+class PasskeyTrainingSet:
+    """Passkey samples as training items of exactly ``seq_length`` tokens.
+
+    Item ``i`` is ``make_passkey_sample`` with a seed and a depth derived from ``i`` (depths
+    uniform in ``depth_range``), BOS first, left-padded with EOD to length. The loss covers the
+    answer tokens only: the filler around the needle is not what the task teaches.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_length: int, num_samples: int, seed: int = 0,
+                 filler_text: Optional[str] = None, depth_range: Tuple[float, float] = (0.0, 1.0)):
+        self.tokenizer, self.seq_length, self.num_samples = tokenizer, seq_length, num_samples
+        self.seed, self.filler_text, self.depth_range = seed, filler_text, depth_range
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, idx: int) -> PasskeySample:
+        rng = random.Random(self.seed * 1_000_003 + idx)
+        depth = rng.uniform(*self.depth_range)
+        return make_passkey_sample(self.tokenizer, self.seq_length, depth, rng.randrange(1 << 30),
+                                   self.filler_text)
+
+    def __getitem__(self, idx: int):
+        import torch
+
+        sample = self.sample(idx)
+        ids = [self.tokenizer.bos] + sample.token_ids
+        pad = self.seq_length + 1 - len(ids)
+        ids = torch.tensor([self.tokenizer.eod] * pad + ids)
+        a, b = sample.answer_token_span
+        loss_mask = torch.zeros(self.seq_length)
+        loss_mask[pad + a: pad + b] = 1.0  # labels[j] is ids[j + 1]; +1 for the BOS
+        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": loss_mask,
+                "position_ids": torch.arange(self.seq_length)}

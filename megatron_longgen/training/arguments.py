@@ -126,6 +126,10 @@ class TrainConfig:
             raise ValueError("--finetune loads weights from --load; give --load")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        decay_iters = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters >= decay_iters:
+            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be below the decay "
+                             f"length ({decay_iters} iterations: --lr-decay-iters or --train-iters)")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError("--recompute-granularity must be full or selective")
 

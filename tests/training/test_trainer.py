@@ -105,6 +105,7 @@ def test_finetune_loads_weights_only(tmp_path):
     (["--mock-data", "--finetune"], "give --load"),
     (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs"),
     (["--mock-data", "--virtual-pipeline-model-parallel-size", "2"], "needs --pipeline-model-parallel-size"),
+    (["--mock-data", "--train-iters", "4", "--lr-warmup-iters", "4"], "--lr-warmup-iters 4 must be below"),
 ])
 def test_bad_settings_fail_before_work(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
