@@ -44,10 +44,6 @@ class LongGenCoreAttention(MegatronModule):
             raise ValueError(f"LongGen attention is causal; got attn_mask_type={attn_mask_type}")
         if attention_dropout:
             raise ValueError("LongGen attention has no dropout; set attention_dropout=0")
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "context parallelism is not implemented in LongGenCoreAttention yet; "
-                "use --context-parallel-size 1")
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size, tp_rank = pg_collection.tp.size(), pg_collection.tp.rank()
@@ -61,6 +57,14 @@ class LongGenCoreAttention(MegatronModule):
         self.global_heads = torch.arange(first, first + self.heads_per_rank)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self._backend_cache = {}
+        # A CP-sharded sequence: ring attention (full layers) or pattern-aware K/V exchange.
+        self.context_parallel = None
+        if config.context_parallel_size > 1:
+            from megatron_longgen.parallel.context_parallel import for_core_attention
+
+            self.context_parallel = for_core_attention(
+                config, self.pattern, self.global_heads, tp_rank, self.groups_per_rank,
+                self.softmax_scale, layer_number, pg_collection)
 
     @property
     def is_full(self) -> bool:
@@ -86,6 +90,10 @@ class LongGenCoreAttention(MegatronModule):
         [s, b, hq * d] (or [t, hq * d])."""
         if attention_bias is not None:
             raise ValueError("LongGen attention does not take an attention bias")
+        if self.context_parallel is not None:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = self.context_parallel(q, k, v, packed_seq_params).permute(2, 0, 1, 3)
+            return out.reshape(out.shape[0], out.shape[1], -1)
         cu_seqlens = None
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if packed_seq_params is not None:

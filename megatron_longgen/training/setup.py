@@ -60,6 +60,8 @@ def model_config_from(train: TrainConfig) -> LongGenConfig:
         recompute_num_layers=train.recompute_num_layers if train.recompute_granularity == "full" else None,
         calculate_per_token_loss=True,
         use_cpu_initialization=torch.device(train.device).type == "cpu",
+        # Batched P2P on gloo (CPU) silently garbles interleaved-pipeline (VPP) activations.
+        batch_p2p_comm=torch.device(train.device).type != "cpu",
         **overrides,
     )
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_longgen.parallel.context_parallel import shard_batch_for_context_parallel
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import TrainConfig
 from megatron_longgen.data.datasets import iterate_batches
@@ -52,6 +53,8 @@ def make_forward_step(device: torch.device, eod_id: Optional[int]):
     def forward_step(data_iterator, model):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
         packed = packed_seq_params_from_eod(batch["tokens"], eod_id) if eod_id is not None else None
+        if parallel_state.get_context_parallel_world_size() > 1:  # this CP rank's share
+            batch, packed = shard_batch_for_context_parallel(batch, packed)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                        packed_seq_params=packed)
         return output, partial(loss_func, batch["loss_mask"])

@@ -38,6 +38,8 @@ class _CudaToCpu(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
+        if func is torch.autograd.backward and not kwargs.get("inputs"):
+            return _backward_in_mode(self, *args, **kwargs)
         name = getattr(func, "__name__", "")
         if name == "cuda":  # Tensor.cuda()
             return args[0]
@@ -49,6 +51,24 @@ class _CudaToCpu(TorchFunctionMode):
             # Megatron's optimizer asserts type strings like 'torch.cuda.FloatTensor'.
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+def _backward_in_mode(mode, tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                      inputs=None, grad_variables=None):
+    """``torch.autograd.backward`` with the mode kept on while the graph runs backward.
+
+    A mode is switched off while it handles a call, so a plain ``func(...)`` would run every
+    backward op (sequence-parallel reduce-scatter buffers, recomputed forwards) without the
+    CUDA-to-CPU rewrite. This is backward's own body minus its override check."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+                        is_grads_batched=False)
+    with mode:
+        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                             create_graph, (), allow_unreachable=True, accumulate_grad=True)
 
 
 class CpuRNGStatesTracker:
@@ -107,6 +127,9 @@ def install_cpu_shim() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.initialize_rng_tracker = lambda *a, **k: None
+    # Activation recompute saves/restores the "CUDA" RNG state; on CPU there is none.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
