@@ -1,9 +1,11 @@
 """Training step time of the hybrid LongGen model vs the same model with every layer full.
 
-Llama-2-7B layer shapes (hidden 4096, 32 heads, FFN 11008, vocab 32000) at reduced depth
-(default 6 layers: 2 full + 4 sparse), bf16, full activation recomputation, batch 1, one GPU,
-through the real trainer (Megatron-Core schedules, DDP, optimizer). Prints one table; every
-ratio in it comes from this one run.
+Llama-2-7B layer shapes (hidden 4096, 32 heads, FFN 11008) at reduced depth (default 6
+layers: 2 full + 4 sparse), bf16, full activation recomputation, batch 1, one GPU, through the
+real trainer (Megatron-Core schedules, DDP, optimizer). The vocabulary defaults to 8192: with
+Llama's 32000 the fp32 logits of one 128K sequence, their softmax and gradient (~50 GB) do
+not fit one 80 GB GPU beside the optimizer (tensor parallelism splits them in real runs); the
+vocabulary costs both models the same. Prints one table; every ratio comes from this run.
 
     python benchmarks/train_step.py                       # 32K, 64K, 128K
     python benchmarks/train_step.py --seq-lengths 131072 --iters 3
@@ -32,28 +34,36 @@ VARIANTS = {
 }
 
 
-def measure(seq_length: int, variant_flags, args) -> dict:
-    full_layers = [str(i) for i in range(args.num_layers // 3, args.num_layers // 3 + args.num_layers // 3)]
+def measure(seq_length: int, variant: str, args) -> dict:
+    if variant == "full":
+        layers = VARIANTS[variant]
+    else:  # the middle third full; an explicit list would override placement "all"
+        third = args.num_layers // 3
+        layers = ["--full-attention-layers", *map(str, range(third, 2 * third)), *VARIANTS[variant]]
     flags = [
         "--model", "llama2-7b", "--num-layers", str(args.num_layers), "--device", "cuda",
+        "--vocab-size", str(args.vocab_size),
         "--bf16", "--mock-data", "--seq-length", str(seq_length),
         "--micro-batch-size", "1", "--global-batch-size", "1",
         "--train-iters", str(args.warmup + args.iters), "--log-interval", "1000000",
         "--recompute-granularity", "full", "--recompute-method", "uniform",
         "--recompute-num-layers", "1", "--lr", "1e-5", "--min-lr", "1e-6",
         "--core-attention-backend", args.backend,
-        "--full-attention-layers", *full_layers, *variant_flags,
+        *layers,
     ]
-    result = Trainer(parse_args(flags)).fit()
+    trainer = Trainer(parse_args(flags))
+    result = trainer.fit()
     times = result.step_times[args.warmup:]
-    return {"step_s": statistics.median(times), "mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"step_s": statistics.median(times), "mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "full_layers": list(trainer.config.full_layer_indices)}
 
 
 def measure_in_subprocess(seq_length: int, variant: str, args) -> dict:
     """Each configuration runs in a fresh process: no memory carried over, honest peaks."""
     cmd = [sys.executable, __file__, "--one", str(seq_length), variant,
            "--num-layers", str(args.num_layers), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--backend", args.backend]
+           "--warmup", str(args.warmup), "--backend", args.backend,
+           "--vocab-size", str(args.vocab_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -70,14 +80,16 @@ def main():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--one", nargs=2, metavar=("SEQ", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         seq, variant = int(args.one[0]), args.one[1]
-        print("RESULT " + json.dumps(measure(seq, VARIANTS[variant], args)), flush=True)
+        print("RESULT " + json.dumps(measure(seq, variant, args)), flush=True)
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"{args.num_layers} Llama-2-7B-shaped layers ({args.num_layers // 3} full in the hybrid)")
+          f"{args.num_layers} Llama-2-7B-shaped layers ({args.num_layers // 3} full in the hybrid), "
+          f"vocab {args.vocab_size}")
     rows = []
     for seq in args.seq_lengths:
         base = None
@@ -91,7 +103,8 @@ def main():
             base = r["step_s"] if name == "full" else base
             speedup = base / r["step_s"] if base else None
             rows.append((seq, name, r["step_s"], seq / r["step_s"], speedup, r["mem_gb"]))
-            print(f"{seq} {name}: {r['step_s']:.3f} s/step ({time.time() - t0:.0f} s total)", flush=True)
+            print(f"{seq} {name}: {r['step_s']:.3f} s/step, full layers {r['full_layers']} "
+                  f"({time.time() - t0:.0f} s total)", flush=True)
     print()
     print(f"| seq len | model | step time (s) | tokens/s | speedup vs full | peak mem (GB) |")
     print(f"|---|---|---|---|---|---|")

@@ -31,6 +31,15 @@ _BACKENDS: Dict[str, Backend] = {}
 # pattern on the device wins. The GPU kernels register themselves ahead of the fallbacks.
 _AUTO_ORDER = {"cuda": ["triton", "flex", "sdpa", "reference"], "cpu": ["sdpa", "reference"]}
 
+# Per-pattern order on cuda, measured on H100 (docs/benchmarks.md, "Attention kernels"):
+# causal: SDPA 1.8x faster than our kernel; AttnSink: Flex 1.1x faster than ours at 128K;
+# BlockSparse: ours 1.9x faster than Flex (Flex's mask block of 128 reads whole 128-blocks).
+_AUTO_ORDER_BY_PATTERN = {
+    ("cuda", "causal"): ["sdpa", "triton", "flex", "reference"],
+    ("cuda", "attn_sink"): ["flex", "triton", "reference"],
+    ("cuda", "block_sparse"): ["triton", "flex", "reference"],
+}
+
 
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
@@ -44,7 +53,8 @@ def resolve_backend(name: str, pattern: Pattern, device: torch.device) -> Backen
     """The backend ``name`` (or the one ``auto`` picks) for ``pattern`` on ``device``."""
     device = torch.device(device)
     if name == "auto":
-        order = _AUTO_ORDER.get(device.type, _AUTO_ORDER["cpu"])
+        order = _AUTO_ORDER_BY_PATTERN.get(
+            (device.type, pattern.name), _AUTO_ORDER.get(device.type, _AUTO_ORDER["cpu"]))
         for candidate in order:
             backend = _BACKENDS.get(candidate)
             if backend is not None and backend.supports(pattern, device):
@@ -87,3 +97,30 @@ def sdpa_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
 register_backend(Backend("reference", reference_attention, lambda pattern, device: True))
 register_backend(Backend(
     "sdpa", sdpa_attention, lambda pattern, device: isinstance(pattern, CausalPattern)))
+
+
+def _cuda_only(pattern, device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _register_gpu_backends() -> None:
+    """Flex and our Triton kernels, where this torch build has them (cuda only: the Triton
+    kernels run on CPU only under TRITON_INTERPRET=1, for tests)."""
+    try:
+        from megatron_longgen.attention.flex import flex_attention_backend
+    except ImportError:
+        pass
+    else:
+        register_backend(Backend("flex", flex_attention_backend, _cuda_only))
+    try:
+        from megatron_longgen.attention.triton_kernels import sparse_attention
+    except ImportError:
+        return
+
+    def triton_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
+        return sparse_attention(q, k, v, pattern, heads, scale, cu_seqlens=cu_seqlens)
+
+    register_backend(Backend("triton", triton_attention, _cuda_only))
+
+
+_register_gpu_backends()
