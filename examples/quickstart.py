@@ -57,14 +57,14 @@ def filler_text(limit_chars: int = 200_000) -> str:
 
 
 def training_set(tokenizer, blend_path, seq_length, iters, batch, seed, args, valid=False):
-    """Text windows from the indexed dataset mixed 1:3 with passkey items."""
+    """Text windows from the indexed dataset mixed 1:N with passkey items."""
     data = DataConfig(seq_length=seq_length, global_batch_size=batch, train_iters=iters,
                       blend_path=blend_path, seed=seed, split="90,10,0",
                       eval_iters=2 if valid else 0, eval_interval=iters if valid else None)
     text_train, text_valid = build_train_valid_datasets(data, tokenizer)
     passkeys = PasskeyTrainingSet(tokenizer, seq_length, num_samples=iters * batch, seed=seed,
                                   filler_text=filler_text())
-    return MixtureDataset([text_train, passkeys], [1, 3], iters * batch), text_valid
+    return MixtureDataset([text_train, passkeys], [1, args.passkey_ratio], iters * batch), text_valid
 
 
 def run_stage(flags, datasets, eod):
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--extend-iters", type=int, default=150)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--passkey-ratio", type=int, default=7,
+                        help="passkey items per text window in the training mixture")
     args = parser.parse_args()
     started = time.time()
     work = Path(args.workdir)

@@ -8,8 +8,8 @@ attention backend runs it. Patterns are built from it with ``layer_pattern``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -52,8 +52,12 @@ def full_attention_layer_indices(
 
 
 @dataclass
-class LongGenConfig(TransformerConfig):
-    """TransformerConfig with the LongGen hybrid-attention fields."""
+class LongGenFields:
+    """The hybrid-attention settings of a LongGen model: pattern, its parameters, placement.
+
+    The one definition of these fields and their defaults: LongGenConfig inherits them and
+    the checkpoint tools record them.
+    """
 
     sparse_attention: str = "attn_sink"
     """Pattern of the sparse layers: ``attn_sink`` or ``block_sparse``."""
@@ -86,6 +90,16 @@ class LongGenConfig(TransformerConfig):
 
     full_attention_ratio: float = 1 / 3
     """Fraction of layers kept full by a named placement."""
+
+
+def longgen_fields(obj) -> Dict[str, Any]:
+    """The LongGenFields values of any object that has them (a config, a record, args)."""
+    return {f.name: getattr(obj, f.name) for f in fields(LongGenFields)}
+
+
+@dataclass
+class LongGenConfig(TransformerConfig, LongGenFields):
+    """TransformerConfig with the LongGen hybrid-attention fields."""
 
     rotary_base: float = 10000.0
     """RoPE base; length extension raises it (e.g. 10000 -> 500000 for 4K -> 128K)."""

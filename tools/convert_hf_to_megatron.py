@@ -13,7 +13,8 @@ recorded in ``ckpt/llama2-7b/longgen_config.json`` (``trainer_flags``).
 import argparse
 import sys
 
-from megatron_longgen.config import PLACEMENTS, SPARSE_PATTERNS
+from megatron_longgen.config import longgen_fields
+from megatron_longgen.training.arguments import add_longgen_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,17 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PP the trainer will use: checked against the number of layers")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     g = p.add_argument_group("LongGen settings (recorded with the checkpoint)")
-    g.add_argument("--sparse-attention", choices=SPARSE_PATTERNS, default="attn_sink")
-    g.add_argument("--sink-tokens", type=int, default=64)
-    g.add_argument("--sliding-window-size", type=int, default=4096)
-    g.add_argument("--sparse-block-size", type=int, default=64)
-    g.add_argument("--local-blocks", type=int, default=16)
-    g.add_argument("--vert-stride", type=int, default=8)
-    g.add_argument("--homo-head", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--full-attention-placement", choices=PLACEMENTS, default="middle")
-    g.add_argument("--full-attention-ratio", type=float, default=1 / 3)
-    g.add_argument("--full-attention-layers", type=int, nargs="+",
-                   help="explicit 0-based full layers (overrides the placement)")
+    add_longgen_arguments(g)
     g.add_argument("--rotary-base", type=float, default=None,
                    help="RoPE base for the target length (default: the HF model's rope_theta)")
     v = p.add_argument_group("verification")
@@ -55,13 +46,7 @@ def main(argv=None) -> int:
     from megatron_longgen.checkpoint import ConversionError, ImportOptions, hf_to_megatron
     from megatron_longgen.checkpoint.record import LongGenSettings
 
-    settings = LongGenSettings(
-        sparse_attention=args.sparse_attention, sink_tokens=args.sink_tokens,
-        sliding_window_size=args.sliding_window_size, sparse_block_size=args.sparse_block_size,
-        local_blocks=args.local_blocks, vert_stride=args.vert_stride, homo_head=args.homo_head,
-        full_attention_placement=args.full_attention_placement,
-        full_attention_ratio=args.full_attention_ratio,
-        full_attention_layers=args.full_attention_layers, rotary_base=args.rotary_base)
+    settings = LongGenSettings(**longgen_fields(args), rotary_base=args.rotary_base)
     opts = ImportOptions(
         hf_dir=args.hf_dir, megatron_dir=args.megatron_dir,
         target_tensor_parallel_size=args.target_tensor_parallel_size,

@@ -90,6 +90,10 @@ def reference_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
 def sdpa_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
     if cu_seqlens is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if q.is_cuda and "triton" in _BACKENDS:
+        # SDPA has no variable-length path; a dense L x L mask would not fit at long lengths.
+        return _BACKENDS["triton"].fn(q, k, v, pattern=pattern, heads=heads, scale=scale,
+                                      cu_seqlens=cu_seqlens)
     mask = pattern_mask(pattern, q.shape[2], heads, cu_seqlens, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale, enable_gqa=True)
 

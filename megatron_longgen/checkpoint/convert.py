@@ -14,6 +14,7 @@ import torch
 
 from megatron_longgen.checkpoint import layout, megatron_io, verify
 from megatron_longgen.checkpoint.errors import ConversionError, staged_output
+from megatron_longgen.config import longgen_fields
 from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
 from megatron_longgen.training.setup import padded_vocab_size
@@ -232,16 +233,15 @@ def _hf_config_dict(record: CheckpointRecord, dtype: str, plain: bool) -> dict:
         out.update(model_type="llama", architectures=["LlamaForCausalLM"])
         return out
     g = record.longgen
+    explicit = g.full_attention_layers is not None
     out.update(
         model_type="longgen", architectures=["LongGenForCausalLM"],
         auto_map={"AutoConfig": "configuration_longgen.LongGenConfig",
                   "AutoModelForCausalLM": "modeling_longgen.LongGenForCausalLM"},
-        sparse_attention=g.sparse_attention, sink_tokens=g.sink_tokens,
-        sliding_window_size=g.sliding_window_size, sparse_block_size=g.sparse_block_size,
-        local_blocks=g.local_blocks, vert_stride=g.vert_stride, homo_head=g.homo_head,
-        full_attention_layers=record.full_layers,
-        full_attention_placement=g.full_attention_placement if g.full_attention_layers is None else None,
-        full_attention_ratio=g.full_attention_ratio if g.full_attention_layers is None else None,
+        **{**longgen_fields(g),
+           "full_attention_layers": record.full_layers,
+           "full_attention_placement": None if explicit else g.full_attention_placement,
+           "full_attention_ratio": None if explicit else g.full_attention_ratio},
     )
     return out
 

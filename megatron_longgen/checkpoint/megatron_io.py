@@ -19,7 +19,7 @@ from megatron_longgen.attention.patterns import CausalPattern
 from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.checkpoint.hf_files import LlamaShape
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
-from megatron_longgen.config import LongGenConfig
+from megatron_longgen.config import LongGenConfig, longgen_fields
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
 from megatron_longgen.training import checkpointing
@@ -46,11 +46,8 @@ def megatron_config(record: CheckpointRecord, tensor_parallel: int = 1, pipeline
         num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
         num_attention_heads=s.num_attention_heads, num_query_groups=s.num_query_groups,
         kv_channels=s.head_dim, layernorm_epsilon=s.rms_norm_eps,
-        rotary_base=record.rotary_base, sparse_attention=g.sparse_attention,
-        sink_tokens=g.sink_tokens, sliding_window_size=g.sliding_window_size,
-        sparse_block_size=g.sparse_block_size, local_blocks=g.local_blocks,
-        vert_stride=g.vert_stride, homo_head=g.homo_head,
-        full_attention_layers=record.full_layers,
+        rotary_base=record.rotary_base,
+        **{**longgen_fields(g), "full_attention_layers": record.full_layers},
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=DTYPES[record.dtype], pipeline_dtype=DTYPES[record.dtype],
         # Weights are overwritten by the conversion: skip the (slow, for 70B) random init.
@@ -130,10 +127,8 @@ def _record_from_trainer(path: str) -> CheckpointRecord:
         rms_norm_eps=cfg.layernorm_epsilon, rope_theta=cfg.rotary_base,
         max_position_embeddings=train.seq_length, tie_word_embeddings=False)
     settings = LongGenSettings(
-        sparse_attention=cfg.sparse_attention, sink_tokens=cfg.sink_tokens,
-        sliding_window_size=cfg.sliding_window_size, sparse_block_size=cfg.sparse_block_size,
-        local_blocks=cfg.local_blocks, vert_stride=cfg.vert_stride, homo_head=cfg.homo_head,
-        full_attention_layers=list(cfg.full_layer_indices), rotary_base=cfg.rotary_base)
+        **{**longgen_fields(cfg), "full_attention_layers": list(cfg.full_layer_indices)},
+        rotary_base=cfg.rotary_base)
     return CheckpointRecord(shape=shape, longgen=settings, padded_vocab_size=0)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.checkpoint.hf_files import LlamaShape
-from megatron_longgen.config import full_attention_layer_indices
+from megatron_longgen.config import LongGenFields, full_attention_layer_indices
 
 RECORD_FILE = "longgen_config.json"
 FORMAT_VERSION = 1
@@ -29,19 +29,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass
-class LongGenSettings:
-    """The hybrid-attention settings; same names and defaults as LongGenConfig's fields."""
+class LongGenSettings(LongGenFields):
+    """LongGenConfig's hybrid-attention fields (same names and defaults) plus the RoPE base."""
 
-    sparse_attention: str = "attn_sink"
-    sink_tokens: int = 64
-    sliding_window_size: int = 4096
-    sparse_block_size: int = 64
-    local_blocks: int = 16
-    vert_stride: int = 8
-    homo_head: bool = False
-    full_attention_placement: str = "middle"
-    full_attention_ratio: float = 1 / 3
-    full_attention_layers: Optional[List[int]] = None
     rotary_base: Optional[float] = None  # None: keep the HF model's rope_theta
 
     def resolved_full_layers(self, num_layers: int) -> List[int]:

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS
+from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenFields
 
 
 @dataclass
@@ -153,6 +153,22 @@ _CHOICES = {
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def add_longgen_arguments(group) -> None:
+    """Flags for every LongGenFields field, with its default (for tools other than the
+    trainer, whose flags default to the model preset's values)."""
+    for f in dataclasses.fields(LongGenFields):
+        kwargs: Dict[str, Any] = {"default": f.default, "dest": f.name, "help": " "}
+        if f.type in (bool, "bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "List[int]" in str(f.type):
+            kwargs.update(nargs="+", type=int, help="0-based; overrides the placement")
+        else:
+            kwargs["type"] = type(f.default)
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        group.add_argument(_flag(f.name), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

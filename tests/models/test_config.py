@@ -75,3 +75,15 @@ def test_presets_shapes():
     assert PRESETS["llama2-7b"].num_layers == 32 and PRESETS["llama2-70b"].num_query_groups == 8
     with pytest.raises(ValueError, match="unknown model preset"):
         longgen_config("llama3-405b")
+
+
+def test_trainer_flags_cover_every_longgen_field():
+    """The trainer's flags mirror LongGenFields; this keeps the two from drifting apart."""
+    from dataclasses import fields
+
+    from megatron_longgen.config import LongGenFields
+    from megatron_longgen.training.arguments import MODEL_FIELDS, TrainConfig
+
+    names = {f.name for f in fields(LongGenFields)}
+    assert names <= set(MODEL_FIELDS)
+    assert names <= {f.name for f in fields(TrainConfig)}
