@@ -60,3 +60,22 @@ def test_hf_config_defaults_to_all_full_and_rejects_unknown_pattern():
     with pytest.raises(ValueError, match="sparse_attention"):
         HFLongGenConfig(sparse_attention="dilated")
     assert issubclass(HFLongGenConfig, LlamaConfig)
+
+
+@pytest.mark.parametrize("heads,groups,sparse", [CASES[0], CASES[3], CASES[4]])
+@pytest.mark.parametrize("q_len", [70, 1])
+def test_flex_path_equals_masked_attention(heads, groups, sparse, q_len):
+    """The GPU path of the export (FlexAttention, run eagerly here) equals dense masked
+    attention with the pattern's mask, for a prompt and for a query at the end of a cache."""
+    from megatron_longgen.attention.reference import masked_attention
+    from megatron_longgen.checkpoint.hf_modeling.modeling_longgen import flex_sparse_attention
+
+    mg, hf = _configs(heads, groups, sparse)
+    k_len, d = 70, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, q_len, d, generator=g)
+    k, v = torch.randn(1, groups, k_len, d, generator=g), torch.randn(1, groups, k_len, d, generator=g)
+    mask = token_mask(mg.sparse_pattern(), k_len, heads=range(heads), num_heads=heads)[:, -q_len:]
+    ref, _ = masked_attention(q, k, v, mask[None], d ** -0.5)
+    out = flex_sparse_attention(hf, q, k, v, d ** -0.5, compile=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

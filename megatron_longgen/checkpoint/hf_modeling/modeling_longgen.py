@@ -1,7 +1,8 @@
 """LongGen for HF transformers: a Llama whose sparse layers apply a static attention pattern.
 
 Full layers are plain ``LlamaAttention``. Sparse layers compute attention in plain torch
-(SDPA with a boolean mask), which runs on CPU and GPU. The pattern rules below are the same
+(SDPA with a boolean mask) on CPU and for short queries (decoding); on GPU a prompt runs
+through FlexAttention with the same rule as a block mask, so no L x L mask is built. The pattern rules below are the same
 as the training code's: a query at position q reads key k (k <= q) when
 
 * ``attn_sink``: ``k < sink_tokens`` or ``q - k < sliding_window_size``;
@@ -53,6 +54,44 @@ def longgen_sparse_mask(config, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tor
     return causal[None] & (((qb - kb) < config.local_blocks)[None] | vertical)
 
 
+def _head_offsets(config, device) -> torch.Tensor:
+    heads = torch.arange(config.num_attention_heads, device=device)
+    groups, stride = config.num_key_value_heads, config.vert_stride
+    if config.homo_head or groups == 1 or stride == 1:
+        return torch.zeros_like(heads)
+    return ((heads // (config.num_attention_heads // groups)) * max(1, stride // groups)) % stride
+
+
+_BLOCK_MASKS = {}
+
+
+def flex_sparse_attention(config, query, key, value, scale: float, compile: bool = True):
+    """The sparse layer through FlexAttention: q [b, h, q_len, d] at the last q_len positions
+    of k [b, h_kv, k_len, d]. Block masks are cached per (lengths, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q_len, k_len, heads = query.shape[2], key.shape[2], query.shape[1]
+    cache_key = (q_len, k_len, heads, str(query.device), compile)
+    if cache_key not in _BLOCK_MASKS:
+        offset_q = k_len - q_len
+        head_offsets = _head_offsets(config, query.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            q = q_idx + offset_q
+            causal = kv_idx <= q
+            if config.sparse_attention == "attn_sink":
+                return causal & ((kv_idx < config.sink_tokens) | (q - kv_idx < config.sliding_window_size))
+            qb, kb = q // config.sparse_block_size, kv_idx // config.sparse_block_size
+            vertical = (kb + head_offsets[h] + 1) % config.vert_stride == 0
+            return causal & ((qb - kb < config.local_blocks) | vertical)
+
+        _BLOCK_MASKS[cache_key] = create_block_mask(
+            mask_mod, None, heads, q_len, k_len, device=query.device, _compile=compile)
+    attend = torch.compile(flex_attention) if compile else flex_attention
+    return attend(query, key, value, block_mask=_BLOCK_MASKS[cache_key], scale=scale,
+                  enable_gqa=query.shape[1] != key.shape[1])
+
+
 def _allowed_from_hf_mask(attention_mask, q_len: int, k_len: int):
     """HF passes None, a boolean mask (True = attend) or an additive float mask."""
     if attention_mask is None:
@@ -82,9 +121,14 @@ class LongGenSparseAttention(LlamaAttention):
 
         q_len, k_len = query.shape[2], key.shape[2]
         device = query.device
+        hf_allowed = _allowed_from_hf_mask(attention_mask, q_len, k_len)
+        no_padding = hf_allowed is None or bool(hf_allowed[..., -1, :].all())
+        if query.is_cuda and q_len > 1 and no_padding:
+            out = flex_sparse_attention(self.config, query, key, value, self.scaling)
+            out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+            return self.o_proj(out), None
         q_pos = torch.arange(k_len - q_len, k_len, device=device)
         allowed = longgen_sparse_mask(self.config, q_pos, torch.arange(k_len, device=device))[None]
-        hf_allowed = _allowed_from_hf_mask(attention_mask, q_len, k_len)
         if hf_allowed is not None:
             allowed = allowed & hf_allowed
         key = repeat_kv(key, self.num_key_value_groups)
@@ -121,4 +165,4 @@ class LongGenForCausalLM(LlamaForCausalLM):
 
 
 __all__ = ["LongGenConfig", "LongGenForCausalLM", "LongGenModel", "LongGenSparseAttention",
-           "longgen_sparse_mask"]
+           "flex_sparse_attention", "longgen_sparse_mask"]
