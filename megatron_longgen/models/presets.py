@@ -40,6 +40,21 @@ class ModelPreset:
     seq_length: int
     extra: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def kv_width(self) -> int:  # width of K (or V): query groups x head dim
+        return self.num_query_groups * (self.hidden_size // self.num_attention_heads)
+
+    @property
+    def params_per_layer(self) -> int:
+        """Llama layer: fused QKV, output projection, gated MLP (3 matrices), two RMSNorms."""
+        h = self.hidden_size
+        return h * (h + 2 * self.kv_width) + h * h + 3 * h * self.ffn_hidden_size + 2 * h
+
+    @property
+    def num_params(self) -> int:  # untied input and output embeddings, final norm
+        return (self.num_layers * self.params_per_layer + 2 * self.vocab_size * self.hidden_size
+                + self.hidden_size)
+
     def config_kwargs(self) -> Dict[str, Any]:
         return dict(
             LLAMA_ARCH,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from megatron_longgen.models.presets import ModelPreset
+
 GiB = 1024 ** 3
 
 
@@ -109,39 +111,6 @@ def validate_train_layout(train, world_size: int) -> None:
 # ---- memory ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    vocab_size: int
-
-    @classmethod
-    def from_preset(cls, name: str) -> "ModelShape":
-        from megatron_longgen.models.presets import get_preset
-
-        p = get_preset(name)
-        return cls(p.num_layers, p.hidden_size, p.num_attention_heads, p.num_query_groups,
-                   p.ffn_hidden_size, p.vocab_size)
-
-    @property
-    def kv_width(self) -> int:  # width of K (or V): query groups x head dim
-        return self.num_query_groups * (self.hidden_size // self.num_attention_heads)
-
-    @property
-    def params_per_layer(self) -> int:
-        """Llama layer: fused QKV, output projection, gated MLP (3 matrices), two RMSNorms."""
-        h = self.hidden_size
-        return h * (h + 2 * self.kv_width) + h * h + 3 * h * self.ffn_hidden_size + 2 * h
-
-    @property
-    def num_params(self) -> int:  # untied input and output embeddings, final norm
-        return (self.num_layers * self.params_per_layer + 2 * self.vocab_size * self.hidden_size
-                + self.hidden_size)
-
-
-@dataclass(frozen=True)
 class Layout:
     tp: int = 1
     pp: int = 1
@@ -159,7 +128,7 @@ class Layout:
         return self.tp * self.pp * self.cp * self.dp
 
 
-def estimate_memory(shape: ModelShape, layout: Layout, seq_length: int,
+def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
                     overhead_gib: float = 4.0) -> Dict[str, float]:
     """Per-GPU memory in GiB under bf16 mixed precision, on the safe side: the parameters of
     the larger end stage, the first stage's activations and the last stage's logits.

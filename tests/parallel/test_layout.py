@@ -4,11 +4,11 @@ import pytest
 
 from megatron_longgen.parallel.layout import (
     Layout,
-    ModelShape,
     estimate_memory,
     validate_layout,
     validate_train_layout,
 )
+from megatron_longgen.models.presets import get_preset
 from megatron_longgen.training.arguments import parse_args
 
 LLAMA_70B = dict(num_layers=80, num_attention_heads=64, num_query_groups=8, ffn_hidden_size=28672)
@@ -61,8 +61,8 @@ def test_train_config_layout_uses_preset_and_overrides():
 
 
 def test_parameter_counts_match_llama2():
-    assert round(ModelShape.from_preset("llama2-7b").num_params / 1e9, 2) == 6.74
-    assert round(ModelShape.from_preset("llama2-70b").num_params / 1e9, 2) == 68.98
+    assert round(get_preset("llama2-7b").num_params / 1e9, 2) == 6.74
+    assert round(get_preset("llama2-70b").num_params / 1e9, 2) == 68.98
 
 
 SEQ = 131072
@@ -71,7 +71,7 @@ SEVEN_B = Layout(tp=4, pp=1, cp=2, dp=1, recompute="full")
 
 
 def test_documented_layouts_fit_80gb_and_need_their_choices():
-    shape70, shape7 = ModelShape.from_preset("llama2-70b"), ModelShape.from_preset("llama2-7b")
+    shape70, shape7 = get_preset("llama2-70b"), get_preset("llama2-7b")
     plan70 = estimate_memory(shape70, SEVENTY_B, SEQ)
     assert plan70["total"] < 74.5  # 80 GB = 74.5 GiB
     assert round(plan70["total"], 1) == 29.7  # the figure docs/parallelism.md quotes
@@ -86,7 +86,7 @@ def test_documented_layouts_fit_80gb_and_need_their_choices():
 
 
 def test_memory_scales_as_the_layout_says():
-    shape = ModelShape.from_preset("llama2-70b")
+    shape = get_preset("llama2-70b")
     base = estimate_memory(shape, SEVENTY_B, SEQ)
     double_tp = estimate_memory(shape, Layout(**{**SEVENTY_B.__dict__, "tp": 16}), SEQ)
     assert double_tp["weights"] == pytest.approx(base["weights"] / 2)
