@@ -13,6 +13,8 @@ recorded in ``ckpt/llama2-7b/longgen_config.json`` (``trainer_flags``).
 import argparse
 import sys
 
+from megatron_longgen.checkpoint.verify import add_verify_arguments
+
 from megatron_longgen.config import longgen_fields
 from megatron_longgen.training.arguments import add_longgen_arguments
 
@@ -31,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_longgen_arguments(g)
     g.add_argument("--rotary-base", type=float, default=None,
                    help="RoPE base for the target length (default: the HF model's rope_theta)")
-    v = p.add_argument_group("verification")
-    v.add_argument("--verify", action="store_true",
-                   help="compare HF and Megatron logits (all layers full) before writing")
-    v.add_argument("--verify-seq-length", type=int, default=128)
-    v.add_argument("--verify-tolerance", type=float, default=None,
-                   help="max |logit diff| allowed (default: 1e-3 fp32, 0.1 fp16, 0.5 bf16)")
+    add_verify_arguments(p, "compare HF and Megatron logits (all layers full) before writing")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --megatron-dir")
     return p
 

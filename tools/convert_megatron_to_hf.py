@@ -13,6 +13,8 @@ Load it with ``AutoModelForCausalLM.from_pretrained("longgen-7b-hf", trust_remot
 import argparse
 import sys
 
+from megatron_longgen.checkpoint.verify import add_verify_arguments
+
 
 def _size(text: str) -> int:
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -36,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a plain LlamaForCausalLM without the LongGen fields")
     p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from this folder")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 2GB, 500MB")
-    p.add_argument("--verify", action="store_true",
-                   help="load the export with transformers and compare logits with Megatron's")
-    p.add_argument("--verify-seq-length", type=int, default=128)
-    p.add_argument("--verify-tolerance", type=float, default=None,
-                   help="max |logit diff| allowed (default: 1e-3 fp32, 0.1 fp16, 0.5 bf16)")
+    add_verify_arguments(p, "load the export with transformers and compare logits with Megatron's")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf-dir")
     return p
 
