@@ -181,3 +181,16 @@ def test_packed_documents_train_and_stay_apart(tmp_path):
     data = EodMotifs()
     result = Trainer(train, datasets=(data, data), eod_id=eod).fit()
     assert len(result.losses) == 3 and all(l == l for l in result.losses.values())
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    run(flags(tmp_path, "--train-iters", "3", "--mock-data", "--tensorboard-dir", str(tb)))
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("lm loss", "lr", "grad norm", "tokens/s"):
+        assert tag in tags
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3]
