@@ -1,0 +1,164 @@
+"""Pure-torch inference over a LongGen GPTModel with a pattern-sized KV cache.
+
+The engine owns no weights: every projection, norm, the MLP, the embedding, RoPE table and the
+output layer are the model's own modules. Only the attention step is written here, because it
+reads the compact cache instead of the whole sequence. Single process, TP = PP = 1.
+
+Batches with prompts of different lengths use **per-sequence lengths**: each sequence has its
+own positions (starting at 0, as in training) and its own cache slots. Chunks are
+right-padded; padded tokens are computed but never written to the cache and their outputs are
+ignored. Decode steps feed one token per sequence.
+
+Prefill runs in chunks of ``chunk_size`` tokens; each chunk's queries attend to what the cache
+holds plus the chunk's own keys, masked with ``pattern.allowed`` at the true positions, so a
+sparse layer only reads its pattern and decode is the same step with a chunk of one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+from megatron_longgen.attention.reference import masked_attention
+from megatron_longgen.inference.kv_cache import KVCache, LayerCache
+
+Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
+
+
+@dataclass
+class InferenceEngine:
+    model: torch.nn.Module  # a GPTModel from build_longgen_model (pre and post process)
+    max_length: int  # longest sequence (prompt + generated) a cache can hold
+    chunk_size: int = 512
+
+    def __post_init__(self):
+        self.config = self.model.config
+        if self.config.tensor_model_parallel_size != 1 or self.config.pipeline_model_parallel_size != 1:
+            raise ValueError("the inference engine runs TP = PP = 1 models only")
+        if not (self.model.pre_process and self.model.post_process):
+            raise ValueError("the inference engine needs the whole model (one pipeline stage)")
+        if self.max_length > self.model.max_sequence_length:
+            raise ValueError(f"max_length {self.max_length} exceeds the model's "
+                             f"max_sequence_length {self.model.max_sequence_length}")
+        self.layers = list(self.model.decoder.layers)
+        self.param = next(self.model.parameters())
+        # RoPE table of Megatron's RotaryEmbedding: [max_length, head_dim].
+        with torch.no_grad():
+            self.rope = self.model.rotary_pos_emb(self.max_length)[:, 0, 0, :].to(self.param.device)
+
+    # ---- cache ----
+
+    def new_cache(self, batch: int) -> KVCache:
+        patterns = [layer.self_attention.core_attention.pattern for layer in self.layers]
+        c = self.config
+        return KVCache.allocate(patterns, batch, c.num_query_groups, c.num_attention_heads,
+                                c.kv_channels, self.max_length, self.param.dtype, self.param.device)
+
+    # ---- one forward step over a chunk ----
+
+    @torch.no_grad()
+    def forward_chunk(self, cache: KVCache, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run ``tokens`` [b, c] (right-padded, ``valid`` [b, c]) after what ``cache`` holds and
+        write them into it. Returns logits [b, c, vocab] (rows of padding are meaningless)."""
+        valid = valid.to(torch.bool)
+        n_new = valid.sum(-1)
+        new_length = cache.lengths + n_new
+        if int(new_length.max()) > self.max_length:
+            raise ValueError(f"sequence length {int(new_length.max())} exceeds max_length "
+                             f"{self.max_length}")
+        pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.model.embedding(input_ids=tokens, position_ids=pos)  # [c, b, h]
+        freqs = self.rope[pos.clamp(max=self.max_length - 1)][:, None]  # [b, 1, c, d]
+        for layer, lc in zip(self.layers, cache.layers):
+            x = self._layer(layer, lc, x, pos, valid, freqs, cache.lengths, new_length)
+        x = self.model.decoder.final_layernorm(x)
+        logits, _ = self.model.output_layer(x)
+        cache.lengths = new_length
+        return logits.transpose(0, 1).float()
+
+    def _layer(self, layer, lc: LayerCache, x, pos, valid, freqs, old_length, new_length):
+        attn = layer.self_attention
+        out, bias = attn.linear_proj(self._attention(attn, lc, layer.input_layernorm(x), pos,
+                                                     valid, freqs, old_length, new_length))
+        x = x + (out if bias is None else out + bias)
+        out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
+        return x + (out if bias is None else out + bias)
+
+    def _attention(self, attn, lc: LayerCache, x, pos, valid, freqs, old_length, new_length):
+        c = self.config
+        groups, per_group, d = c.num_query_groups, c.num_attention_heads // c.num_query_groups, c.kv_channels
+        qkv, _ = attn.linear_qkv(x)  # [s, b, groups * (per_group + 2) * d]
+        s, b = qkv.shape[:2]
+        # Megatron's fused layout: per query group [its query heads..., k, v].
+        qkv = qkv.view(s, b, groups, per_group + 2, d)
+        q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, d)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+        if attn.q_layernorm is not None:
+            q = attn.q_layernorm(q)
+        if attn.k_layernorm is not None:
+            k = attn.k_layernorm(k)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        interleaved = c.rotary_interleaved
+        q = _apply_rotary_pos_emb_bshd(q, freqs.to(q.dtype), rotary_interleaved=interleaved)
+        k = _apply_rotary_pos_emb_bshd(k, freqs.to(k.dtype), rotary_interleaved=interleaved)
+
+        # Keys: what the cache still holds (all a query of this chunk may read from before
+        # it) plus the chunk itself; masked by the pattern at the true positions.
+        k_old, v_old, pos_old = lc.view(upto=int(old_length.max()))
+        new_pos = torch.where(valid, pos, -1)[:, None].expand(-1, groups, -1)
+        keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
+        key_pos = torch.cat([pos_old, new_pos], 2).repeat_interleave(per_group, dim=1)
+        heads = torch.arange(groups * per_group, device=pos.device)[None, :, None, None]
+        key_pos = key_pos[:, :, None, :]  # [b, hq, 1, keys]
+        mask = lc.pattern.allowed(pos[:, None, :, None], key_pos, heads) & (key_pos >= 0)
+        out, _ = masked_attention(q, keys, values, mask, attn.core_attention.softmax_scale)
+
+        lc.write(k, v, pos, valid, new_length)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    # ---- prefill and decode ----
+
+    def prefill(self, prompts: Prompts, chunk_size: int = None) -> Tuple[KVCache, torch.Tensor]:
+        """A fresh cache holding ``prompts`` (lists of ids of any lengths >= 1) and the logits
+        [b, vocab] after each prompt's last token."""
+        ids, lengths = pad_prompts(prompts, self.param.device)
+        if int(lengths.max()) > self.max_length:
+            raise ValueError(f"prompt of {int(lengths.max())} tokens exceeds max_length "
+                             f"{self.max_length}")
+        cache = self.new_cache(ids.shape[0])
+        chunk = chunk_size or self.chunk_size
+        last = None
+        for start in range(0, ids.shape[1], chunk):
+            tokens = ids[:, start:start + chunk]
+            idx = torch.arange(start, start + tokens.shape[1], device=ids.device)
+            valid = idx[None] < lengths[:, None]
+            logits = self.forward_chunk(cache, tokens, valid)
+            if last is None:
+                last = logits.new_zeros(ids.shape[0], logits.shape[-1])
+            ends_here = (lengths - 1 >= start) & (lengths - 1 < start + tokens.shape[1])
+            rows = ends_here.nonzero().flatten()
+            last[rows] = logits[rows, lengths[rows] - 1 - start]
+        return cache, last
+
+    def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence [b] -> next-token logits [b, vocab]."""
+        tokens = tokens.view(-1, 1)
+        return self.forward_chunk(cache, tokens, torch.ones_like(tokens, dtype=torch.bool))[:, 0]
+
+
+def pad_prompts(prompts: Prompts, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad prompts into [b, longest] ids and their lengths [b]."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        rows: List[torch.Tensor] = list(prompts)
+    else:
+        rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r.to(device)
+    return ids, lengths

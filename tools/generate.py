@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Generate text from a LongGen Megatron checkpoint with the pattern-sized KV cache.
+
+Example (one process, TP = PP = 1; any saved layout loads):
+
+    python tools/generate.py --load ckpt/longgen-tiny --tokenizer-model tok.model \\
+        --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
+
+The model's shape and LongGen flags come from the checkpoint itself (the trainer's
+``train_config`` or a converted checkpoint's record), so they cannot disagree with the weights.
+Without a tokenizer, pass token ids: ``--prompt-ids 1,450,3978``.
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint root or an iter_* directory")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
+    prompt.add_argument("--prompt-ids", action="append",
+                        help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--tokenizer-model", default=None, help="needed for --prompt and text output")
+    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cache length (default: the model's max_position_embeddings)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop-token", type=int, action="append", default=None,
+                   help="default: the tokenizer's end-of-sequence token, if any")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
+    p.add_argument("--report-cache", action="store_true", help="print KV cache memory per layer kind")
+    return p
+
+
+def load_model(root: str, iteration: Optional[int] = None):
+    """The whole model (TP = PP = 1, CPU) of a checkpoint, with the flags it was saved with."""
+    from megatron_longgen.checkpoint import megatron_io
+
+    megatron_io.init_single_process("cpu")
+    record = megatron_io.record_for(root, iteration)
+    model = megatron_io.build_model(record)
+    megatron_io.load(model, root, iteration)
+    return model.eval()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_longgen.inference.engine import InferenceEngine
+    from megatron_longgen.inference.generate import SamplingConfig, generate
+
+    tokenizer = None
+    if args.tokenizer_model:
+        from megatron_longgen.data.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
+    if args.prompt and tokenizer is None:
+        raise SystemExit("--prompt needs --tokenizer-model (or pass --prompt-ids)")
+    if args.prompt:
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in args.prompt]
+    else:
+        prompts = [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
+
+    model = load_model(args.load, args.iteration)
+    vocab = model.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise SystemExit(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
+    engine = InferenceEngine(model, args.max_length or model.max_sequence_length,
+                             chunk_size=args.chunk_size)
+    stop = args.stop_token
+    if stop is None:
+        stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id >= 0 else []
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed)
+
+    def show(ids):
+        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+    on_token = None
+    if args.stream and len(prompts) == 1:
+        on_token = lambda i, t: print(show([t]), end=" " if tokenizer is None else "", flush=True)
+    outputs = generate(engine, prompts, cfg, on_token=on_token)
+    if on_token is not None:
+        print()
+    else:
+        for i, ids in enumerate(outputs):
+            print(f"[{i}] {show(ids)}")
+    if args.report_cache:
+        print("KV cache:", engine.new_cache(len(prompts)).report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
