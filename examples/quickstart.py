@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="sliding window of the sparse layers")
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--base-iters", type=int, default=300)
-    parser.add_argument("--extend-iters", type=int, default=150)
+    parser.add_argument("--extend-iters", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--passkey-ratio", type=int, default=7,
