@@ -161,13 +161,11 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         it = self._iterators(self.valid_ds, 0)
-        losses = [self._reduce_eval(self._run(it, forward_only=True)) for _ in range(self.train.eval_iters)]
+        losses = [_reduce_losses(self._run(it, forward_only=True)) for _ in range(self.train.eval_iters)]
         for chunk in self.model:
             chunk.train()
         losses = [x for x in losses if x is not None]
         return sum(losses) / len(losses) if losses else None
-
-    _reduce_eval = staticmethod(_reduce_losses)
 
     def save(self) -> str:
         return checkpointing.save_checkpoint(
