@@ -9,7 +9,7 @@ sys.path.insert(0, ".")
 from megatron_longgen.attention.patterns import AttnSinkPattern, BlockSparsePattern
 from megatron_longgen.attention.triton_kernels import sparse_attention
 L, H, KV, D = 32768, 32, 8, 128
-pat = AttnSinkPattern(64, 4096) if sys.argv[1] == "sink" else BlockSparsePattern(64, 16, 8, False, 32, 8)
+pat = AttnSinkPattern(64, 4096) if (sys.argv[1:] or ["sink"])[0] == "sink" else BlockSparsePattern(64, 16, 8, False, 32, 8)
 q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 k = torch.randn(1, KV, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 v = torch.randn(1, KV, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
