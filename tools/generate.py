@@ -42,17 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(root: str, iteration: Optional[int] = None):
-    """The whole model (TP = PP = 1, CPU) of a checkpoint, with the flags it was saved with."""
-    from megatron_longgen.checkpoint import megatron_io
-
-    megatron_io.init_single_process("cpu")
-    record = megatron_io.record_for(root, iteration)
-    model = megatron_io.build_model(record)
-    megatron_io.load(model, root, iteration)
-    return model.eval()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_longgen.inference.engine import InferenceEngine
@@ -70,7 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         prompts = [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
 
-    model = load_model(args.load, args.iteration)
+    from megatron_longgen.checkpoint.megatron_io import load_single_process_model
+
+    model = load_single_process_model(args.load, args.iteration)
     vocab = model.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:

@@ -157,3 +157,13 @@ def all_full_attention(model):
     finally:
         for module, pattern in saved:
             module.pattern, module._backend_cache = pattern, {}
+
+
+def load_single_process_model(root: str, iteration=None):
+    """A checkpoint's whole model (TP = PP = 1, CPU, eval mode), rebuilt from the flags it was
+    saved with: what the generation and evaluation tools run."""
+    init_single_process("cpu")
+    record = record_for(root, iteration)
+    model = build_model(record)
+    load(model, root, iteration)
+    return model.eval()

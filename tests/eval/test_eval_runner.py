@@ -1,0 +1,94 @@
+"""The runner on a tiny random model: results, report files, PNG heatmap, perplexity by
+position and the sink + window eviction baseline."""
+
+import json
+import struct
+import zlib
+
+import torch
+
+from megatron_longgen.checkpoint.megatron_io import all_full_attention
+from megatron_longgen.eval import runner
+from megatron_longgen.eval.tasks import build_items, load_haystack
+from megatron_longgen.inference.engine import InferenceEngine
+from megatron_longgen.inference.generate import SamplingConfig, generate
+from megatron_longgen.models.gpt import build_longgen_model
+from megatron_longgen.models.presets import get_preset, longgen_config
+
+VOCAB = get_preset("tiny").vocab_size
+
+
+def tiny_model(max_len=360):
+    torch.manual_seed(0)
+    cfg = longgen_config("tiny", use_cpu_initialization=True, sink_tokens=4, sliding_window_size=32)
+    return build_longgen_model(cfg, VOCAB, max_len).eval()
+
+
+def read_png(path):
+    """(width, height, rgb bytes) of an 8-bit RGB PNG written without row filters."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == h * (1 + 3 * w)
+    return w, h
+
+
+def test_runner_writes_report_and_heatmap(megatron_cpu, tokenizer, tmp_path):
+    model = tiny_model()
+    lengths, depths = [224, 300], [0.0, 0.5, 1.0]
+    items = build_items(tokenizer, ["passkey", "niah", "common_words"], lengths, depths, seed=0,
+                        haystack=load_haystack())
+    engine = InferenceEngine(model, 360, chunk_size=64)
+    results = runner.run_items(engine, tokenizer, items, batch_size=4)
+    assert len(results) == len(items) == 2 * 3 * 2 + 2
+    for it, r in zip(items, results):
+        assert (r.task, r.length, r.depth, r.answers) == (it.task, it.length, it.depth, it.answers)
+        assert 0.0 <= r.exact <= r.partial <= 1.0
+    # Batched, length-sorted generation gives each item what it gets alone.
+    alone = generate(engine, [[tokenizer.bos_id] + tokenizer.encode(items[0].prompt)],
+                     SamplingConfig(max_new_tokens=items[0].max_new_tokens, stop_tokens=[tokenizer.eos_id]))
+    assert results[0].generated == tokenizer.decode(alone[0])
+
+    windows = runner.windows_from_documents([list(range(3, 500))], seq_length=64, max_windows=4)
+    ppl = runner.perplexity_by_position(model, windows, bucket_size=16, batch_size=2)
+    assert ppl.bucket_starts == [0, 16, 32, 48] and len(ppl.loss) == 4
+    assert all(x > 0 for x in ppl.loss)
+
+    paths = runner.write_report(str(tmp_path), results, ppl, config={"model": "tiny"})
+    report = json.load(open(paths["json"]))
+    assert set(report["summary"]) == {"passkey", "niah", "common_words"}
+    assert report["summary"]["niah"]["items"] == 6 and len(report["items"]) == len(items)
+    assert len(report["summary"]["passkey"]["grid"]) == 6
+    md = open(paths["markdown"]).read()
+    assert "| passkey |" in md and "depth \\ length" in md and "Perplexity by position" in md
+    # 3 depths x 2 lengths of 32-pixel cells plus a 1-pixel border.
+    assert read_png(paths["heatmap_passkey"]) == (2 * 32 + 1, 3 * 32 + 1)
+    assert "heatmap_common_words" not in paths  # no depth axis
+    assert read_png(paths["ppl"]) == (480, 240)
+
+
+def test_sink_window_eviction_baseline(megatron_cpu):
+    model = tiny_model()
+    prompts = [list(range(5, 105)), list(range(7, 67))]
+    cfg = SamplingConfig(max_new_tokens=6)
+    with all_full_attention(model):
+        full = InferenceEngine(model, 128)
+        # A window covering everything evicts nothing: the same greedy tokens.
+        wide = runner.EvictingEngine(model, 128, sink=4, window=128)
+        assert generate(wide, prompts, cfg) == generate(full, prompts, cfg)
+        # A small window: after the prefill a full layer keeps only sink + window positions.
+        narrow = runner.EvictingEngine(model, 128, sink=4, window=16)
+        cache, _ = narrow.prefill(prompts)
+        for lc in cache.layers:
+            held = lc.held_positions(0, 0)
+            assert held == list(range(4)) + list(range(100 - 15, 100))
+        assert generate(narrow, prompts, cfg) != generate(full, prompts, cfg)

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Long-context evaluation of a LongGen Megatron checkpoint: synthetic retrieval tasks and
+perplexity by position, written as report.json, summary.md and PNG plots.
+
+Example (one process, TP = PP = 1):
+
+    python tools/evaluate.py --load ckpt/longgen-tiny --tokenizer-model tok.model \\
+        --tasks passkey,niah,variable_tracking --lengths 1024,2048,4096 \\
+        --depths 0,0.25,0.5,0.75,1 --samples-per-cell 4 --output-dir eval/longgen
+
+The KV-eviction baseline on a full-attention model: add ``--all-full`` (every layer causal)
+and ``--evict-sink 4 --evict-window 1024``. Perplexity by position: ``--ppl-text file.txt``
+(repeatable) with ``--ppl-seq-length`` and ``--ppl-bucket``.
+"""
+
+import argparse
+import contextlib
+import sys
+from typing import List, Optional
+
+
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> List[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_longgen.eval.tasks import TASKS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint root or an iter_* directory")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--tokenizer-model", required=True)
+    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--tasks", default="passkey,niah", help=f"comma-separated, from {','.join(TASKS)}; "
+                   "empty for perplexity only")
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048], help="prompt lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--samples-per-cell", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", default=None, help="text or .jsonl corpus (default: bundled essays)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--all-full", action="store_true", help="run every layer with full attention")
+    p.add_argument("--evict-sink", type=int, default=None,
+                   help="KV-eviction baseline: sink tokens kept at decode (with --evict-window)")
+    p.add_argument("--evict-window", type=int, default=None)
+    p.add_argument("--ppl-text", action="append", default=None, help="held-out text file")
+    p.add_argument("--ppl-seq-length", type=int, default=None, help="default: the longest length")
+    p.add_argument("--ppl-bucket", type=int, default=256)
+    p.add_argument("--ppl-max-windows", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_longgen.checkpoint.megatron_io import all_full_attention, load_single_process_model
+    from megatron_longgen.data.tokenizer import build_tokenizer
+    from megatron_longgen.eval import runner
+    from megatron_longgen.eval.tasks import build_items, load_haystack
+    from megatron_longgen.inference.engine import InferenceEngine
+
+    if (args.evict_sink is None) != (args.evict_window is None):
+        raise SystemExit("--evict-sink and --evict-window go together")
+    tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
+    model = load_single_process_model(args.load, args.iteration)
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    items = build_items(tokenizer, tasks, args.lengths, args.depths, args.samples_per_cell,
+                        args.seed, load_haystack(args.haystack)) if tasks else []
+    longest = max([len(tokenizer.encode(it.prompt)) + 1 + it.max_new_tokens for it in items] + [1])
+    if longest > model.max_sequence_length:
+        raise SystemExit(f"prompts need {longest} positions; the model has "
+                         f"{model.max_sequence_length}")
+    print(f"{len(items)} items over tasks {tasks}, lengths {args.lengths}", file=sys.stderr)
+
+    with all_full_attention(model) if args.all_full else contextlib.nullcontext():
+        if args.evict_sink is not None:
+            engine = runner.EvictingEngine(model, longest, args.evict_sink, args.evict_window,
+                                           chunk_size=args.chunk_size)
+        else:
+            engine = InferenceEngine(model, longest, chunk_size=args.chunk_size)
+        results = runner.run_items(engine, tokenizer, items, args.batch_size,
+                                   progress=not args.no_progress) if items else []
+        ppl = None
+        if args.ppl_text:
+            seq = args.ppl_seq_length or max(args.lengths)
+            docs = [tokenizer.encode(open(f, encoding="utf-8").read()) for f in args.ppl_text]
+            windows = runner.windows_from_documents(docs, seq, args.ppl_max_windows)
+            ppl = runner.perplexity_by_position(model, windows, args.ppl_bucket, args.batch_size)
+
+    config = {k: v for k, v in vars(args).items()}
+    title = "Long-context evaluation" + (" (all-full)" if args.all_full else "") + (
+        f" (sink {args.evict_sink} + window {args.evict_window} eviction)"
+        if args.evict_sink is not None else "")
+    paths = runner.write_report(args.output_dir, results, ppl, config, title)
+    with open(paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    for name, path in paths.items():
+        print(f"{name}: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
