@@ -27,17 +27,17 @@ class Backend:
 
 _BACKENDS: Dict[str, Backend] = {}
 
-# Preference order of ``auto``; the first backend that is registered and supports the
-# pattern on the device wins. The GPU kernels register themselves ahead of the fallbacks.
-_AUTO_ORDER = {"cuda": ["triton", "flex", "sdpa", "reference"], "cpu": ["sdpa", "reference"]}
+# Preference order of ``auto``: the first backend that is registered and supports the
+# pattern on the device wins. On CPU: SDPA for full layers, else the exact reference.
+_AUTO_ORDER_CPU = ["sdpa", "reference"]
 
-# Per-pattern order on cuda, measured on H100 (docs/benchmarks.md, "Attention kernels"):
+# On cuda, per pattern, measured on H100 (docs/benchmarks.md, "Attention kernels"):
 # causal: SDPA 1.8x faster than our kernel; AttnSink: Flex 1.1x faster than ours at 128K;
 # BlockSparse: ours 1.9x faster than Flex (Flex's mask block of 128 reads whole 128-blocks).
-_AUTO_ORDER_BY_PATTERN = {
-    ("cuda", "causal"): ["sdpa", "triton", "flex", "reference"],
-    ("cuda", "attn_sink"): ["flex", "triton", "reference"],
-    ("cuda", "block_sparse"): ["triton", "flex", "reference"],
+_AUTO_ORDER_CUDA = {
+    "causal": ["sdpa", "triton", "flex", "reference"],
+    "attn_sink": ["flex", "triton", "reference"],
+    "block_sparse": ["triton", "flex", "reference"],
 }
 
 
@@ -53,8 +53,7 @@ def resolve_backend(name: str, pattern: Pattern, device: torch.device) -> Backen
     """The backend ``name`` (or the one ``auto`` picks) for ``pattern`` on ``device``."""
     device = torch.device(device)
     if name == "auto":
-        order = _AUTO_ORDER_BY_PATTERN.get(
-            (device.type, pattern.name), _AUTO_ORDER.get(device.type, _AUTO_ORDER["cpu"]))
+        order = _AUTO_ORDER_CUDA[pattern.name] if device.type == "cuda" else _AUTO_ORDER_CPU
         for candidate in order:
             backend = _BACKENDS.get(candidate)
             if backend is not None and backend.supports(pattern, device):

@@ -93,22 +93,15 @@ class TrainConfig:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
 
-    @property
-    def data_parallel_size(self) -> int:
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return world // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-                         * self.context_parallel_size)
-
     def validate(self, world_size: int, datasets_given: bool = False) -> None:
-        """Impossible settings fail here, before any work starts, with the fix in the message."""
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-        if world_size % mp:
-            raise ValueError(
-                f"world size {world_size} is not divisible by TP x PP x CP = {mp}; launch a "
-                f"multiple of {mp} processes or change the parallel sizes")
-        dp = world_size // mp
+        """Impossible settings fail here, before any work starts, with the fix in the message.
+        The parallel layout (world size, heads, layers, sequence slices) is checked by
+        ``validate_train_layout``; the rest here."""
+        from megatron_longgen.parallel.layout import validate_train_layout
+
+        validate_train_layout(self, world_size)
+        dp = world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                            * self.context_parallel_size)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
                 f"--global-batch-size {self.global_batch_size} must be a multiple of "
@@ -117,9 +110,6 @@ class TrainConfig:
             raise ValueError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size >= 2")
-        if self.seq_length % (2 * self.context_parallel_size) and self.context_parallel_size > 1:
-            raise ValueError(f"--seq-length must be divisible by 2 x --context-parallel-size "
-                             f"= {2 * self.context_parallel_size}")
         if not (self.mock_data or self.data_path or datasets_given):
             raise ValueError("give --data-path (prefixes from tools/preprocess_data.py) or --mock-data")
         if self.finetune and not self.load:

@@ -13,7 +13,6 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_longgen.parallel.context_parallel import shard_batch_for_context_parallel
-from megatron_longgen.parallel.layout import validate_train_layout
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import TrainConfig
 from megatron_longgen.data.datasets import iterate_batches
@@ -86,8 +85,8 @@ class Trainer:
         initialize_for(train)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # Before any model is built: flags, data and the parallel layout.
         train.validate(dist.get_world_size(), datasets_given=datasets is not None)
-        validate_train_layout(train, dist.get_world_size())  # before any model is built
         self.config = model_config_from(train)
         self.vocab_size = vocab_size_for(train)
         self.model = build_model(self.config, train, self.vocab_size)
