@@ -1,7 +1,8 @@
 """Attention kernels on GPU: correctness of the Triton kernels, then a timing table.
 
     python benchmarks/attention.py [--lengths 16384 32768 65536 131072] [--kv-heads 32 8]
-                                   [--backends sdpa flex triton] [--skip-check] [--tune]
+                                   [--backends sdpa flex triton] [--skip-check]
+                                   [--tune [attn_sink] [block_sparse]] [--compare]
                                    [--json results.json]
 
 Batch 1, 32 query heads, head dim 128, bf16. For each length and KV-head count it times the
@@ -14,6 +15,7 @@ heterogeneous heads). TFLOP/s count only allowed pairs: forward 4 * pairs * d, f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,8 +40,11 @@ from megatron_longgen.attention.triton_kernels import sparse_attention  # noqa: 
 HEADS, DIM = 32, 128
 
 
+_START = time.time()
+
+
 def say(*args):
-    print(*args, flush=True)
+    print(f"[{time.time() - _START:5.0f}s]", *args, flush=True)
 
 
 def rel_err(got, want):
@@ -57,31 +62,33 @@ def check_against_reference():
         ("sink+docs", AttnSinkPattern(64, 256), [0, 300, 301, 777, seq_len]),
         ("block_sparse+docs", BlockSparsePattern(64, 4, 4, False, hq, hkv), [0, 300, 301, 777, seq_len]),
     ]
+    # float32 compiles slowly (no tensor cores) and is covered by the CPU tests: two cases here.
+    runs = [(dim, dtype, tol, case) for dim in (64, 128)
+            for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 1e-2)) for case in cases]
+    runs += [(64, torch.float32, 1e-4, cases[i]) for i in (1, 4)]
     worst = 0.0
-    for dim in (64, 128):
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-            for name, pattern, docs in cases:
-                torch.manual_seed(0)
-                q = torch.randn(1, hq, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
-                k = torch.randn(1, hkv, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
-                v = torch.randn(1, hkv, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
-                heads = torch.arange(hq)
-                cu = torch.tensor(docs) if docs else None
-                out, lse = sparse_attention(q, k, v, pattern, heads, dim ** -0.5, cu_seqlens=cu,
-                                            return_lse=True)
-                d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
-                ((out.float() * d_out.float()).sum() + (lse * d_lse).sum()).backward()
-                mask = token_mask(pattern, seq_len, heads, cu_seqlens=cu, num_heads=hq).to(dev)
-                q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-                ro, rl = masked_attention(q64, k64, v64, mask[None], dim ** -0.5)
-                ((ro * d_out.double()).sum() + (rl * d_lse.double()).sum()).backward()
-                errs = [rel_err(a, b) for a, b in [(out, ro), (lse, rl), (q.grad, q64.grad),
-                                                   (k.grad, k64.grad), (v.grad, v64.grad)]]
-                ok = max(errs) < tol and all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
-                worst = max(worst, max(errs) / tol)
-                say(f"check d={dim} {str(dtype)[6:]:8s} {name:18s} out/lse/dq/dk/dv rel err "
-                    + " ".join(f"{e:.1e}" for e in errs) + ("  ok" if ok else "  FAIL"))
-                assert ok, name
+    for dim, dtype, tol, (name, pattern, docs) in runs:
+        torch.manual_seed(0)
+        q = torch.randn(1, hq, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, hkv, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, hkv, seq_len, dim, device=dev, dtype=dtype, requires_grad=True)
+        heads = torch.arange(hq)
+        cu = torch.tensor(docs) if docs else None
+        out, lse = sparse_attention(q, k, v, pattern, heads, dim ** -0.5, cu_seqlens=cu,
+                                    return_lse=True)
+        d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+        ((out.float() * d_out.float()).sum() + (lse * d_lse).sum()).backward()
+        mask = token_mask(pattern, seq_len, heads, cu_seqlens=cu, num_heads=hq).to(dev)
+        q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ro, rl = masked_attention(q64, k64, v64, mask[None], dim ** -0.5)
+        ((ro * d_out.double()).sum() + (rl * d_lse.double()).sum()).backward()
+        errs = [rel_err(a, b) for a, b in [(out, ro), (lse, rl), (q.grad, q64.grad),
+                                           (k.grad, k64.grad), (v.grad, v64.grad)]]
+        ok = max(errs) < tol and all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
+        worst = max(worst, max(errs) / tol)
+        say(f"check d={dim} {str(dtype)[6:]:8s} {name:18s} out/lse/dq/dk/dv rel err "
+            + " ".join(f"{e:.1e}" for e in errs) + ("  ok" if ok else "  FAIL"))
+        assert ok, name
     say(f"reference check passed (worst error / tolerance = {worst:.2f})")
 
 
@@ -132,7 +139,7 @@ def inputs_for(seq_len, hkv):
     return mk(HEADS), mk(hkv), mk(hkv)
 
 
-def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton")):
+def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton"), json_path=None):
     rows = []
     heads = torch.arange(HEADS)
     say(f"{'L':>7} {'hkv':>3} {'pattern':12} {'backend':7} {'fwd ms':>9} {'fwd+bwd ms':>11} "
@@ -145,7 +152,8 @@ def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton")):
             for pattern in patterns:
                 pairs = allowed_pair_count(pattern, seq_len, heads, num_heads=HEADS)
                 sdpa, flex, ours = make_fns(pattern, heads, flex_block)
-                backends = ([("sdpa", sdpa), ("triton", ours)] if pattern.name == "causal"
+                # Dense causal is SDPA's job (backends.py never routes it to our kernel).
+                backends = ([("sdpa", sdpa)] if pattern.name == "causal"
                             else [("flex", flex), ("triton", ours)])
                 for name, fn in backends:
                     if name not in only:
@@ -158,6 +166,9 @@ def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton")):
                                fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
                                fwd_bwd_tflops=3.5 * flops / both / 1e9, pairs=pairs)
                     rows.append(row)
+                    if json_path:  # after every row: a long run that is cut short keeps its rows
+                        with open(json_path, "w") as f:
+                            json.dump(rows, f, indent=1)
                     say(f"{seq_len:>7} {hkv:>3} {pattern.name:12} {name:7} {fwd:9.2f} {both:11.2f} "
                         f"{row['fwd_tflops']:9.0f} {row['fwd_bwd_tflops']:9.0f}   ({time.time() - t0:.0f}s)")
             del inputs
@@ -165,32 +176,127 @@ def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton")):
     return rows
 
 
-def tune(seq_len=32768, hkv=8):
-    """Sweep tile sizes and launch settings of each pass; prints forward and fwd+bwd ms."""
-    import dataclasses
+# Variants swept by --tune: changes to the default Tiles. Names: pass, query x key tile,
+# warps, pipeline stages. 128-wide key tiles are for AttnSink only: BlockSparse's vertical
+# blocks are 64 wide, so a 128-wide key tile would compute twice the pairs there.
+FWD_VARIANTS = {
+    "fwd 128x64 w8 s3": dict(fwd_m=128, fwd_n=64, fwd_launch=(8, 3)),
+    "fwd 128x64 w8 s4": dict(fwd_m=128, fwd_n=64, fwd_launch=(8, 4)),
+    "fwd 64x64 w4 s3": dict(fwd_m=64, fwd_n=64, fwd_launch=(4, 3)),
+    "fwd 128x128 w8 s2": dict(fwd_m=128, fwd_n=128, fwd_launch=(8, 2)),
+    "fwd 128x128 w8 s3": dict(fwd_m=128, fwd_n=128, fwd_launch=(8, 3)),
+}
+BWD_VARIANTS = {
+    "dkdv 64x64 w4 s3 | dq 64x64 w4 s3": dict(dkdv_m=64, dkdv_n=64, dkdv_launch=(4, 3),
+                                              dq_m=64, dq_n=64, dq_launch=(4, 3)),
+    "dkdv 32x64 w4 s3 | dq 64x64 w4 s3": dict(dkdv_m=32, dkdv_n=64, dkdv_launch=(4, 3)),
+    "dkdv 32x64 w4 s4 | dq 64x64 w4 s3": dict(dkdv_m=32, dkdv_n=64, dkdv_launch=(4, 4)),
+    "dkdv 32x64 w4 s3 | dq 64x32 w4 s3": dict(dkdv_m=32, dkdv_n=64, dkdv_launch=(4, 3),
+                                              dq_m=64, dq_n=32, dq_launch=(4, 3)),
+    "dkdv 32x64 w4 s3 | dq 128x64 w8 s3": dict(dkdv_m=32, dkdv_n=64, dkdv_launch=(4, 3),
+                                               dq_m=128, dq_n=64, dq_launch=(8, 3)),
+    "dkdv 32x64 w4 s3 | dq 128x64 w8 s2": dict(dkdv_m=32, dkdv_n=64, dkdv_launch=(4, 3),
+                                               dq_m=128, dq_n=64, dq_launch=(8, 2)),
+    "dkdv 32x128 w8 s3 | dq 64x64 w4 s3": dict(dkdv_m=32, dkdv_n=128, dkdv_launch=(8, 3)),
+    "dkdv 32x128 w8 s3 | dq 64x32 w4 s3": dict(dkdv_m=32, dkdv_n=128, dkdv_launch=(8, 3),
+                                               dq_m=64, dq_n=32, dq_launch=(4, 3)),
+    "dkdv 32x128 w8 s3 | dq 128x64 w8 s3": dict(dkdv_m=32, dkdv_n=128, dkdv_launch=(8, 3),
+                                                dq_m=128, dq_n=64, dq_launch=(8, 3)),
+    "dkdv 32x128 w8 s2 | dq 64x32 w4 s3": dict(dkdv_m=32, dkdv_n=128, dkdv_launch=(8, 2),
+                                               dq_m=64, dq_n=32, dq_launch=(4, 3)),
+}
 
+
+def _sink_only(change):
+    return change.get("fwd_n") == 128 or change.get("dkdv_n") == 128
+
+
+def tune(pattern_names=("attn_sink", "block_sparse"), seq_len=32768, hkv=8):
+    """Sweep tile sizes and launch settings of each pass at one length, check every variant
+    against the default's output and gradients, and return the fastest variant per pattern."""
     from megatron_longgen.attention.triton_kernels import DEFAULT_TILES
 
     heads, scale = torch.arange(HEADS), DIM ** -0.5
-    inputs = inputs_for(seq_len, hkv)
-    fwd_variants = [dict(fwd_m=128, fwd_n=64, fwd_launch=(8, 3)), dict(fwd_m=128, fwd_n=64, fwd_launch=(4, 3)),
-                    dict(fwd_m=128, fwd_n=64, fwd_launch=(8, 4)), dict(fwd_m=64, fwd_n=64, fwd_launch=(4, 3)),
-                    dict(fwd_m=128, fwd_n=128, fwd_launch=(8, 3))]
-    bwd_variants = [dict(), dict(dkdv_launch=(4, 3), dq_launch=(4, 3)),
-                    dict(dkdv_m=32, dkdv_launch=(4, 3)), dict(dkdv_m=32, dkdv_launch=(8, 3)),
-                    dict(dkdv_n=128, dkdv_m=32, dkdv_launch=(8, 2)),
-                    dict(dq_m=128, dq_launch=(8, 2)), dict(dq_n=32, dq_launch=(4, 3)),
-                    dict(dq_m=128, dq_n=32, dq_launch=(8, 3))]
-    for pattern in (AttnSinkPattern(64, 4096), BlockSparsePattern(64, 16, 8, False, HEADS, hkv)):
-        for label, variants, backward in (("fwd", fwd_variants, False), ("bwd", bwd_variants, True)):
-            for change in variants:
+    q, k, v = inputs_for(seq_len, hkv)
+    d_out = torch.randn_like(q)
+    best = {}
+    patterns = (AttnSinkPattern(64, 4096), BlockSparsePattern(64, 16, 8, False, HEADS, hkv))
+    for pattern in (p for p in patterns if p.name in pattern_names):
+        def grads(tiles):
+            for x in (q, k, v):
+                x.grad = None
+            out = sparse_attention(q, k, v, pattern, heads, scale, tiles=tiles)
+            out.backward(d_out)
+            return [out.detach().clone()] + [x.grad.clone() for x in (q, k, v)]
+
+        want = grads(DEFAULT_TILES)
+        timed = {}
+        for label, variants, backward in (("fwd", FWD_VARIANTS, False), ("bwd", BWD_VARIANTS, True)):
+            for name, change in variants.items():
+                if _sink_only(change) and not isinstance(pattern, AttnSinkPattern):
+                    continue
                 tiles = dataclasses.replace(DEFAULT_TILES, **change)
                 fn = lambda q, k, v: sparse_attention(q, k, v, pattern, heads, scale, tiles=tiles)  # noqa: E731
                 try:
-                    ms = bench(fn, backward, inputs)
-                    say(f"tune L={seq_len} {pattern.name:12} {label} {change}: {ms:.2f} ms")
+                    errs = [rel_err(a, b) for a, b in zip(grads(tiles), want)]
+                    ms = bench(fn, backward, (q, k, v))
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
-                    say(f"tune {pattern.name} {label} {change}: fails ({type(e).__name__})")
+                    say(f"tune L={seq_len} {pattern.name:12} {name}: fails ({type(e).__name__}: {str(e)[:80]})")
+                    continue
+                ok = max(errs) < 2e-2
+                say(f"tune L={seq_len} {pattern.name:12} {name:38s} {'fwd' if not backward else 'fwd+bwd'} "
+                    f"{ms:8.2f} ms   vs default out/dq/dk/dv {' '.join(f'{e:.0e}' for e in errs)}"
+                    + ("" if ok else "  WRONG"))
+                if ok:
+                    timed[(label, name)] = ms
+        pick = {}
+        for label in ("fwd", "bwd"):
+            name = min((n for (lb, n) in timed if lb == label), key=lambda n: timed[(label, n)])
+            pick.update((FWD_VARIANTS if label == "fwd" else BWD_VARIANTS)[name])
+            say(f"tune best {label} for {pattern.name}: {name} ({timed[(label, name)]:.2f} ms)")
+        best[pattern.name] = dataclasses.replace(DEFAULT_TILES, **pick)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return best
+
+
+def compare_tiles(seq_len, hkv, flex_block):
+    """DEFAULT_TILES vs the per-pattern defaults vs Flex (and SDPA causal) at one length."""
+    from megatron_longgen.attention.triton_kernels import DEFAULT_TILES, default_tiles
+
+    heads, scale = torch.arange(HEADS), DIM ** -0.5
+    inputs = inputs_for(seq_len, hkv)
+    sdpa, _, _ = make_fns(CausalPattern(), heads, flex_block)
+    causal_pairs = allowed_pair_count(CausalPattern(), seq_len, heads, num_heads=HEADS)
+    rows = [("causal", "sdpa", sdpa, causal_pairs)]
+    for pattern in (AttnSinkPattern(64, 4096), BlockSparsePattern(64, 16, 8, False, HEADS, hkv)):
+        pairs = allowed_pair_count(pattern, seq_len, heads, num_heads=HEADS)
+        _, flex, _ = make_fns(pattern, heads, flex_block)
+        rows.append((pattern.name, "flex", flex, pairs))
+        for label, tiles in (("ours DEFAULT_TILES", DEFAULT_TILES),
+                             ("ours tuned", default_tiles(pattern, torch.bfloat16))):
+            fn = (lambda t, p: lambda q, k, v: sparse_attention(q, k, v, p, heads, scale, tiles=t))(tiles, pattern)
+            rows.append((pattern.name, label, fn, pairs))
+    say(f"\n{'L':>7} {'hkv':>3} {'pattern':12} {'backend':19} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+        f"{'fwd TF/s':>9} {'f+b TF/s':>9}")
+    results = []
+    for pattern_name, label, fn, pairs in rows:
+        fwd, both = bench(fn, False, inputs), bench(fn, True, inputs)
+        flops = 4 * pairs * DIM
+        results.append(dict(L=seq_len, hkv=hkv, pattern=pattern_name, backend=label, fwd_ms=fwd,
+                            fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
+                            fwd_bwd_tflops=3.5 * flops / both / 1e9))
+        r = results[-1]
+        say(f"{seq_len:>7} {hkv:>3} {pattern_name:12} {label:19} {fwd:9.2f} {both:11.2f} "
+            f"{r['fwd_tflops']:9.0f} {r['fwd_bwd_tflops']:9.0f}")
+    by = {(r["pattern"], r["backend"]): r for r in results}
+    sdpa_tflops = by[("causal", "sdpa")]["fwd_bwd_tflops"]
+    for name, target in (("attn_sink", 1.2), ("block_sparse", 2.0)):
+        ours, flex = by[(name, "ours tuned")], by[(name, "flex")]
+        say(f"{name}: fwd+bwd ours tuned {flex['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x Flex "
+            f"(target {target}x), {ours['fwd_bwd_tflops'] / sdpa_tflops:.0%} of SDPA causal's "
+            f"TFLOP/s per allowed pair (target 75%)")
+    return results
 
 
 def try_flex_block_64():
@@ -218,7 +324,12 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "triton"])
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--try-flex-64", action="store_true")
-    parser.add_argument("--tune", action="store_true", help="sweep tiles, then exit")
+    parser.add_argument("--tune", nargs="*", choices=["attn_sink", "block_sparse"], default=None,
+                        help="sweep tiles at 32K (8 KV heads) for these patterns (default both), "
+                             "print the fastest per pattern, exit")
+    parser.add_argument("--compare", action="store_true",
+                        help="time SDPA causal, Flex, ours with DEFAULT_TILES and with the tuned "
+                             "defaults at the last --lengths and --kv-heads, then exit")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -228,18 +339,23 @@ def main():
         cross_check(16384, 8, args.flex_block)
     if args.try_flex_64:
         try_flex_block_64()
-    if args.tune:
-        tune()
-        return
+    rows = None
+    if args.tune is not None:
+        best = tune(args.tune or ("attn_sink", "block_sparse"))
+        for name, tiles in best.items():
+            say(f"tuned tiles for {name}: {tiles}")
+        rows = {name: dataclasses.asdict(tiles) for name, tiles in best.items()}
     # One compiled Flex graph per (shape, pattern): more than dynamo's default cache of 8.
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    rows = run_table(args.lengths, args.kv_heads, args.flex_block, args.backends)
-    if args.json:
+    if args.compare:
+        rows = compare_tiles(args.lengths[-1], args.kv_heads[-1], args.flex_block)
+    elif args.tune is None:
+        rows = run_table(args.lengths, args.kv_heads, args.flex_block, args.backends, args.json)
+    if args.json and rows is not None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,10 @@
 """One forward+backward of our Triton kernel between cudaProfilerStart/Stop, for Nsight Compute.
 
-    ncu --profile-from-start off --kernel-name regex:"_fwd_kernel|_bwd_dkdv_kernel|_bwd_dq_kernel" \\
-        --metrics launch__registers_per_thread,l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum,... \\
-        python benchmarks/profile_attention.py sink|block
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --csv --page details python benchmarks/profile_attention.py sink|block
+
+L = 32K, 32 query / 8 KV heads, d = 128, bf16, the kernel's default tiles for the pattern.
 """
 import torch, sys
 sys.path.insert(0, ".")

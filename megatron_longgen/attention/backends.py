@@ -32,8 +32,9 @@ _BACKENDS: Dict[str, Backend] = {}
 _AUTO_ORDER_CPU = ["sdpa", "reference"]
 
 # On cuda, per pattern, measured on H100 (docs/benchmarks.md, "Attention kernels"):
-# causal: SDPA 1.8x faster than our kernel; AttnSink: Flex 1.1x faster than ours at 128K;
-# BlockSparse: ours 1.9x faster than Flex (Flex's mask block of 128 reads whole 128-blocks).
+# causal: SDPA 1.8x faster than our kernel; AttnSink: Flex and ours within 1.3% at 128K
+# (Flex ahead); BlockSparse: ours 2.2x faster than Flex (Flex's mask block of 128 reads whole
+# 128-blocks).
 _AUTO_ORDER_CUDA = {
     "causal": ["sdpa", "triton", "flex", "reference"],
     "attn_sink": ["flex", "triton", "reference"],

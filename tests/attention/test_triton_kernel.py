@@ -12,6 +12,7 @@ import torch
 from megatron_longgen.attention.backends import resolve_backend
 from megatron_longgen.attention.patterns import (
     EMPTY,
+    FULL,
     AttnSinkPattern,
     BlockSparsePattern,
     CausalPattern,
@@ -19,7 +20,7 @@ from megatron_longgen.attention.patterns import (
     token_mask,
 )
 from megatron_longgen.attention.reference import masked_attention
-from megatron_longgen.attention.triton_kernels import Tiles, sparse_attention
+from megatron_longgen.attention.triton_kernels import Tiles, default_tiles, sparse_attention
 from megatron_longgen.attention.triton_kernels.layout import tile_lists
 
 # Unequal query/key tiles per pass, so a transposed or mixed-up tile size would show.
@@ -38,11 +39,11 @@ def _inputs(hq, hkv, seq_len, dim, dtype, seed):
 
 
 def _check(pattern, seq_len, hq, hkv, dim, heads, num_heads, cu=None, dtype=torch.float32,
-           tol=1e-4, seed=0):
+           tol=1e-4, seed=0, tiles=TILES):
     q, k, v = [x.requires_grad_() for x in _inputs(hq, hkv, seq_len, dim, dtype, seed)]
     scale = dim ** -0.5
     out, lse = sparse_attention(q, k, v, pattern, heads, scale, cu_seqlens=cu, return_lse=True,
-                                tiles=TILES)
+                                tiles=tiles)
     g = torch.Generator().manual_seed(seed + 1)
     d_out = torch.randn(out.shape, generator=g).to(dtype)
     d_lse = torch.randn(lse.shape, generator=g)  # context parallelism backprops through LSE
@@ -85,6 +86,17 @@ def test_matches_reference_fp16(pattern):
     _check(pattern, 70, 4, 2, 32, torch.arange(4), 8, dtype=torch.float16, tol=1e-2, seed=3)
 
 
+@pytest.mark.parametrize("case", ["sink_docs", "block_sparse_hetero_tp_slice"])
+def test_tuned_gpu_tiles_match_reference(case):
+    """The per-pattern tiles the kernels use in 16 bits on GPU (128-wide, unequal per pass)."""
+    pattern, seq_len, hq, hkv, dim, heads, num_heads, cu = CASES[case]
+    cu = torch.tensor(cu) if cu is not None else None
+    tiles = default_tiles(pattern, torch.float16)
+    assert tiles != TILES
+    _check(pattern, seq_len, hq, hkv, dim, torch.tensor(list(heads)), num_heads, cu,
+           dtype=torch.float16, tol=1e-2, tiles=tiles)
+
+
 def test_strided_inputs():
     """Megatron hands over permuted [s, b, h, d] views; the kernels take strides as they are."""
     q, k, v = _inputs(2, 1, 50, 16, torch.float32, seed=5)
@@ -99,17 +111,24 @@ def test_strided_inputs():
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_tile_lists_hold_exactly_the_nonempty_tiles(transpose):
+    """Each row lists its non-empty tiles once: first the FULL ones inside the sequence (run
+    without a mask), then every tile that needs the element mask."""
+    seq_len, block_q, block_k = 100, 32, 16
     heads = torch.arange(4, 8)
-    lists = tile_lists(HETERO, 100, heads, None, 32, 16, transpose, torch.device("cpu"))
-    layout = block_layout(HETERO, 100, 32, 16, heads)
+    lists = tile_lists(HETERO, seq_len, heads, None, block_q, block_k, transpose, torch.device("cpu"))
+    layout = block_layout(HETERO, seq_len, block_q, block_k, heads)
+    q_tail = torch.arange(layout.shape[1]) * block_q + block_q > seq_len
+    k_tail = torch.arange(layout.shape[2]) * block_k + block_k > seq_len
+    unmasked = (layout == FULL) & ~q_tail[None, :, None] & ~k_tail[None, None, :]
     if transpose:
-        layout = layout.transpose(1, 2)
+        layout, unmasked = layout.transpose(1, 2), unmasked.transpose(1, 2)
     assert lists.per_head and lists.entries.shape[0] == 4
     for h in range(4):
         for row in range(layout.shape[1]):
-            n = int(lists.counts[h, row])
-            listed = (lists.entries[h, row, :n] >> 1).tolist()
-            assert listed == (layout[h, row] != EMPTY).nonzero().flatten().tolist()
+            n_full, n = lists.counts[h, row].tolist()
+            listed = lists.entries[h, row, :n].tolist()
+            assert sorted(listed) == (layout[h, row] != EMPTY).nonzero().flatten().tolist()
+            assert sorted(listed[:n_full]) == unmasked[h, row].nonzero().flatten().tolist()
 
 
 def test_backend_is_cuda_only():

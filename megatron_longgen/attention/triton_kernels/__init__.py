@@ -3,7 +3,8 @@
 from megatron_longgen.attention.triton_kernels.sparse_attention import (
     DEFAULT_TILES,
     Tiles,
+    default_tiles,
     sparse_attention,
 )
 
-__all__ = ["DEFAULT_TILES", "Tiles", "sparse_attention"]
+__all__ = ["DEFAULT_TILES", "Tiles", "default_tiles", "sparse_attention"]

@@ -2,8 +2,10 @@
 
 Scores live in base 2 (``scale_log2 = scale * log2(e)``) so the softmax uses ``exp2``; the
 saved log-sum-exp is base 2 as well. K/V are indexed by the query head's group (GQA without
-copies). Tiles come from compact lists (see ``layout.py``); only tiles flagged ``needs_mask``
-evaluate the pattern per element.
+copies). Each program walks a compact list of tiles (see ``layout.py``) in two loops: first
+the tiles whose pairs are all allowed, with no masks at all, then the tiles that need the
+element mask (pattern edges, document edges, the sequence tail). Keeping the mask out of the
+first loop keeps its body short and lets Triton pipeline it.
 """
 
 import os
@@ -49,6 +51,54 @@ def _allowed(q_pos, k_pos, q_start, k_start, head_off, p0, p1, p2,
 
 
 @triton.jit
+def _doc_start(DOC_START, offs, valid, other, HAS_DOCS: tl.constexpr):
+    """Start of each position's document (packed sequences); the position itself otherwise."""
+    if HAS_DOCS:
+        return tl.load(DOC_START + offs, mask=valid, other=other)
+    return offs
+
+
+# ---- forward ----
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, lo, hi,
+               offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len, DOC_START,
+               head_off, scale_log2, p0, p1, p2,
+               PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(lo, hi):
+        offs_k = tl.load(entries + i) * BLOCK_N + offs_n
+        if MASKED:
+            k_valid = offs_k < seq_len
+            k = tl.load(k_base + offs_k[None, :] * stride_ks + offs_d[:, None],
+                        mask=k_valid[None, :], other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_d[None, :],
+                        mask=k_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_k[None, :] * stride_ks + offs_d[:, None])
+            v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_d[None, :])
+        qk = tl.dot(q, k, input_precision=DOT_PREC)
+        if MASKED:
+            k_start = _doc_start(DOC_START, offs_k, k_valid, -1, HAS_DOCS)
+            ok = _allowed(offs_m[:, None], offs_k[None, :], q_start[:, None], k_start[None, :],
+                          head_off, p0, p1, p2, PATTERN, HAS_DOCS) & k_valid[None, :]
+            qk = tl.where(ok, qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:  # every pair allowed: no row can stay at -inf
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, ENTRIES, COUNTS, HEAD_OFF, DOC_START,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -64,7 +114,8 @@ def _fwd_kernel(
     h = bh % num_heads
     hk = h // group
     row = h * layout_per_head * num_rows + tile
-    count = tl.load(COUNTS + row)
+    n_full = tl.load(COUNTS + 2 * row)
+    count = tl.load(COUNTS + 2 * row + 1)
     entries = ENTRIES + row.to(tl.int64) * max_count
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,36 +129,19 @@ def _fwd_kernel(
     head_off = 0
     if PATTERN == 2:
         head_off = tl.load(HEAD_OFF + h)
-    q_start = offs_m
-    if HAS_DOCS:
-        q_start = tl.load(DOC_START + offs_m, mask=m_valid, other=0)
+    q_start = _doc_start(DOC_START, offs_m, m_valid, 0, HAS_DOCS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for i in range(0, count):
-        entry = tl.load(entries + i)
-        offs_k = (entry >> 1) * BLOCK_N + offs_n
-        k_valid = offs_k < seq_len
-        k = tl.load(k_base + offs_k[None, :] * stride_ks + offs_d[:, None],
-                    mask=k_valid[None, :], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PREC) * scale_log2
-        if (entry & 1) != 0:
-            k_start = offs_k
-            if HAS_DOCS:
-                k_start = tl.load(DOC_START + offs_k, mask=k_valid, other=-1)
-            ok = _allowed(offs_m[:, None], offs_k[None, :], q_start[:, None], k_start[None, :],
-                          head_off, p0, p1, p2, PATTERN, HAS_DOCS) & k_valid[None, :]
-            qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_d[None, :],
-                    mask=k_valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, 0, n_full,
+                               offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len,
+                               DOC_START, head_off, scale_log2, p0, p1, p2,
+                               PATTERN, HAS_DOCS, False, BLOCK_N, DOT_PREC)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, n_full, count,
+                               offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len,
+                               DOC_START, head_off, scale_log2, p0, p1, p2,
+                               PATTERN, HAS_DOCS, True, BLOCK_N, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -115,6 +149,44 @@ def _fwd_kernel(
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None])
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=m_valid)
+
+
+# ---- backward: dK, dV (and optionally dQ) per key tile ----
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, entries, lo, hi,
+                offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs, stride_dos,
+                seq_len, DOC_START, head_off, scale_log2, p0, p1, p2,
+                PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(lo, hi):
+        offs_m = tl.load(entries + i) * BLOCK_M + offs_m0
+        if MASKED:
+            m_valid = offs_m < seq_len
+            q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
+                          mask=m_valid[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=m_valid, other=0.0)
+        else:
+            q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None])
+            lse = tl.load(lse_base + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * scale_log2 - lse[None, :])
+        if MASKED:
+            q_start = _doc_start(DOC_START, offs_m, m_valid, 0, HAS_DOCS)
+            ok = _allowed(offs_m[None, :], offs_n[:, None], q_start[None, :], k_start[:, None],
+                          head_off, p0, p1, p2, PATTERN, HAS_DOCS)
+            p_t = tl.where(ok & m_valid[None, :] & n_valid[:, None], p_t, 0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
+                         mask=m_valid[:, None], other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
+        else:
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :])
+            delta = tl.load(delta_base + offs_m)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -136,7 +208,8 @@ def _bwd_dkdv_kernel(
     hk = bhk % num_kv_heads
     h0 = hk * group  # query heads of a group share their pattern and layout row
     row = h0 * layout_per_head * num_rows + tile
-    count = tl.load(COUNTS + row)
+    n_full = tl.load(COUNTS + 2 * row)
+    count = tl.load(COUNTS + 2 * row + 1)
     entries = ENTRIES + row.to(tl.int64) * max_count
 
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,9 +223,7 @@ def _bwd_dkdv_kernel(
     head_off = 0
     if PATTERN == 2:
         head_off = tl.load(HEAD_OFF + h0)
-    k_start = offs_n
-    if HAS_DOCS:
-        k_start = tl.load(DOC_START + offs_n, mask=n_valid, other=-1)
+    k_start = _doc_start(DOC_START, offs_n, n_valid, -1, HAS_DOCS)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -160,35 +231,51 @@ def _bwd_dkdv_kernel(
         h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        stat_base = (b * num_heads + h) * seq_len
-        for i in range(0, count):
-            entry = tl.load(entries + i)
-            offs_m = (entry >> 1) * BLOCK_M + offs_m0
-            m_valid = offs_m < seq_len
-            q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None],
-                          mask=m_valid[None, :], other=0.0)
-            lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=0.0)
-            qk_t = tl.dot(k, q_t, input_precision=DOT_PREC) * scale_log2
-            p_t = tl.math.exp2(qk_t - lse[None, :])
-            if (entry & 1) != 0:
-                q_start = offs_m
-                if HAS_DOCS:
-                    q_start = tl.load(DOC_START + offs_m, mask=m_valid, other=0)
-                ok = _allowed(offs_m[None, :], offs_n[:, None], q_start[None, :], k_start[:, None],
-                              head_off, p0, p1, p2, PATTERN, HAS_DOCS)
-                ok = ok & m_valid[None, :] & n_valid[:, None]
-                p_t = tl.where(ok, p_t, 0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
-                         mask=m_valid[:, None], other=0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PREC)
+        stat = LSE + (b * num_heads + h) * seq_len
+        delta = DELTA + (b * num_heads + h) * seq_len
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stat, delta, entries,
+                             0, n_full, offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs,
+                             stride_dos, seq_len, DOC_START, head_off, scale_log2,
+                             p0, p1, p2, PATTERN, HAS_DOCS, False, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stat, delta, entries,
+                             n_full, count, offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs,
+                             stride_dos, seq_len, DOC_START, head_off, scale_log2,
+                             p0, p1, p2, PATTERN, HAS_DOCS, True, BLOCK_M, DOT_PREC)
 
     out_off = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+# ---- backward: dQ per query tile ----
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, lo, hi, offs_m, m_valid, q_start,
+              offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off, scale_log2,
+              p0, p1, p2, PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(lo, hi):
+        offs_n = tl.load(entries + i) * BLOCK_N + offs_n0
+        if MASKED:
+            n_valid = offs_n < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                        mask=n_valid[:, None], other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None],
+                          mask=n_valid[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None])
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2 - lse[:, None])
+        if MASKED:
+            k_start = _doc_start(DOC_START, offs_n, n_valid, -1, HAS_DOCS)
+            ok = _allowed(offs_m[:, None], offs_n[None, :], q_start[:, None], k_start[None, :],
+                          head_off, p0, p1, p2, PATTERN, HAS_DOCS)
+            p = tl.where(ok & m_valid[:, None] & n_valid[None, :], p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
 
 
 @triton.jit
@@ -209,7 +296,8 @@ def _bwd_dq_kernel(
     h = bh % num_heads
     hk = h // group
     row = h * layout_per_head * num_rows + tile
-    count = tl.load(COUNTS + row)
+    n_full = tl.load(COUNTS + 2 * row)
+    count = tl.load(COUNTS + 2 * row + 1)
     entries = ENTRIES + row.to(tl.int64) * max_count
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -220,40 +308,23 @@ def _bwd_dq_kernel(
                 mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
                  mask=m_valid[:, None], other=0.0)
-    stat_base = bh.to(tl.int64) * seq_len
-    lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
+    stat = bh.to(tl.int64) * seq_len
+    lse = tl.load(LSE + stat + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + stat + offs_m, mask=m_valid, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     head_off = 0
     if PATTERN == 2:
         head_off = tl.load(HEAD_OFF + h)
-    q_start = offs_m
-    if HAS_DOCS:
-        q_start = tl.load(DOC_START + offs_m, mask=m_valid, other=0)
+    q_start = _doc_start(DOC_START, offs_m, m_valid, 0, HAS_DOCS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for i in range(0, count):
-        entry = tl.load(entries + i)
-        offs_n = (entry >> 1) * BLOCK_N + offs_n0
-        n_valid = offs_n < seq_len
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None],
-                      mask=n_valid[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        p = tl.math.exp2(qk - lse[:, None])
-        if (entry & 1) != 0:
-            k_start = offs_n
-            if HAS_DOCS:
-                k_start = tl.load(DOC_START + offs_n, mask=n_valid, other=-1)
-            ok = _allowed(offs_m[:, None], offs_n[None, :], q_start[:, None], k_start[None, :],
-                          head_off, p0, p1, p2, PATTERN, HAS_DOCS)
-            ok = ok & m_valid[:, None] & n_valid[None, :]
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, 0, n_full, offs_m, m_valid,
+                   q_start, offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off,
+                   scale_log2, p0, p1, p2, PATTERN, HAS_DOCS, False, BLOCK_N, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, n_full, count, offs_m, m_valid,
+                   q_start, offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off,
+                   scale_log2, p0, p1, p2, PATTERN, HAS_DOCS, True, BLOCK_N, DOT_PREC)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])

@@ -1,8 +1,9 @@
 """Compact tile lists for the block-sparse kernels, built from ``patterns.block_layout``.
 
 A kernel program owns one query tile (or one key tile in the dK/dV pass) and walks only the
-tiles its row (column) of the layout marks non-EMPTY. Each list entry packs the tile index and
-one flag, ``entry = tile * 2 + needs_mask``: FULL tiles inside the sequence skip the element mask.
+tiles its row (column) of the layout marks non-EMPTY. A row lists the tiles that need no mask
+(FULL tiles inside the sequence) first, then those that do; ``counts`` holds both numbers, so
+the kernels run the unmasked tiles in a loop of their own.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def pattern_params(pattern: Pattern) -> Tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class TileLists:
-    entries: torch.Tensor  # int32 [H', rows, max_count]: tile * 2 + needs_mask
-    counts: torch.Tensor  # int32 [H', rows]
+    entries: torch.Tensor  # int32 [H', rows, max_count]: tile indices, unmasked ones first
+    counts: torch.Tensor  # int32 [H', rows, 2]: (unmasked tiles, all tiles)
     per_head: bool  # H' is the number of local heads (else 1, shared by all heads)
 
 
@@ -86,12 +87,12 @@ def _compact(states: torch.Tensor, seq_len: int, block_q: int, block_k: int,
     if transpose:
         states, needs_mask = states.transpose(1, 2), needs_mask.transpose(1, 2)
     nonempty = states != EMPTY
-    counts = nonempty.sum(-1)
-    width = max(int(counts.max()), 1)
-    # Stable sort brings the non-empty tiles to the front in ascending tile order.
-    order = torch.sort((~nonempty).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    flags = torch.gather(needs_mask, -1, order)
-    entries = order * 2 + flags.to(order.dtype)
+    unmasked = nonempty & ~needs_mask
+    counts = torch.stack([unmasked.sum(-1), nonempty.sum(-1)], -1)
+    width = max(int(counts[..., 1].max()), 1)
+    # Rank 0: unmasked, 1: masked, 2: empty; a stable sort keeps ascending tile order in each.
+    rank = torch.where(unmasked, 0, torch.where(nonempty, 1, 2)).to(torch.int8)
+    entries = torch.sort(rank, dim=-1, stable=True).indices[..., :width]
     return entries.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
 
 

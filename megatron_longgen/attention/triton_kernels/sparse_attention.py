@@ -40,6 +40,21 @@ class Tiles:
 
 
 DEFAULT_TILES = Tiles()
+# Per-pattern tiles for bf16/fp16, from `benchmarks/attention.py --tune` (docs/benchmarks.md).
+TUNED_TILES = {
+    "attn_sink": Tiles(fwd_n=128, dkdv_m=32, dq_m=128, dq_launch=(8, 3)),
+    "block_sparse": Tiles(fwd_m=64, fwd_launch=(4, 3), dkdv_m=32, dq_m=128, dq_launch=(8, 2)),
+}
+# float32 (tests): ieee float32 products run without tensor cores; 64-wide tiles spill
+# registers and take a minute to compile on sm_90, 32-wide ones neither.
+FP32_TILES = Tiles(fwd_m=32, fwd_n=32, dkdv_m=32, dkdv_n=32, dq_m=32, dq_n=32,
+                   fwd_launch=(4, 2), dkdv_launch=(4, 2), dq_launch=(4, 2))
+
+
+def default_tiles(pattern: Pattern, dtype: torch.dtype) -> Tiles:
+    if dtype == torch.float32:
+        return FP32_TILES
+    return TUNED_TILES.get(pattern.name, DEFAULT_TILES)
 
 
 def _fit_tiles(tiles: Tiles, pattern: Pattern) -> Tiles:
@@ -103,7 +118,7 @@ class _Setup:
     def common(self, lists):
         return dict(
             PATTERN=self.kind, HAS_DOCS=self.cu is not None, DOT_PREC=self.dot_prec,
-        ), (int(lists.per_head), lists.counts.shape[-1], lists.entries.shape[-1])
+        ), (int(lists.per_head), lists.counts.shape[-2], lists.entries.shape[-1])
 
 
 def _forward(q, k, v, st: _Setup):
@@ -193,16 +208,17 @@ def sparse_attention(
     scale: float,
     cu_seqlens: Optional[torch.Tensor] = None,
     return_lse: bool = False,
-    tiles: Tiles = DEFAULT_TILES,
+    tiles: Optional[Tiles] = None,
 ):
     """Block-sparse attention of ``pattern``: q [b, hq, s, d], k/v [b, hkv, s, d].
 
     ``heads`` are the global indices of the local query heads (None: all heads, from 0).
     Returns out [b, hq, s, d], and with ``return_lse`` also the natural log-sum-exp of the
-    scaled scores [b, hq, s] in float32; both are differentiable.
+    scaled scores [b, hq, s] in float32; both are differentiable. ``tiles`` default to
+    ``default_tiles(pattern, q.dtype)``.
     """
     if heads is None:
         heads = torch.arange(q.shape[1])
-    setup = _Setup(q, k, pattern, heads, scale, cu_seqlens, tiles)
+    setup = _Setup(q, k, pattern, heads, scale, cu_seqlens, tiles or default_tiles(pattern, q.dtype))
     out, lse = _SparseAttention.apply(q, k, v, setup)
     return (out, lse) if return_lse else out
