@@ -34,23 +34,33 @@ VARIANTS = {
 }
 
 
-def measure(seq_length: int, variant: str, args) -> dict:
+def variant_flags(variant: str, num_layers: int) -> list:
     if variant == "full":
-        layers = VARIANTS[variant]
-    else:  # the middle third full; an explicit list would override placement "all"
-        third = args.num_layers // 3
-        layers = ["--full-attention-layers", *map(str, range(third, 2 * third)), *VARIANTS[variant]]
-    flags = [
-        "--model", "llama2-7b", "--num-layers", str(args.num_layers), "--device", "cuda",
-        "--vocab-size", str(args.vocab_size),
+        return list(VARIANTS[variant])
+    third = num_layers // 3  # the middle third full; an explicit list overrides placement "all"
+    return ["--full-attention-layers", *map(str, range(third, 2 * third)), *VARIANTS[variant]]
+
+
+def step_flags(seq_length: int, variant: str, num_layers: int, vocab_size: int, iters: int,
+               backend: str = "auto") -> list:
+    """Trainer flags of one timed configuration: Llama-2-7B layer shapes, bf16, full
+    recomputation, batch 1, mock data."""
+    return [
+        "--model", "llama2-7b", "--num-layers", str(num_layers), "--device", "cuda",
+        "--vocab-size", str(vocab_size),
         "--bf16", "--mock-data", "--seq-length", str(seq_length),
         "--micro-batch-size", "1", "--global-batch-size", "1",
-        "--train-iters", str(args.warmup + args.iters), "--log-interval", "1000000",
+        "--train-iters", str(iters), "--log-interval", "1000000",
         "--recompute-granularity", "full", "--recompute-method", "uniform",
         "--recompute-num-layers", "1", "--lr", "1e-5", "--min-lr", "1e-6",
-        "--core-attention-backend", args.backend,
-        *layers,
+        "--core-attention-backend", backend,
+        *variant_flags(variant, num_layers),
     ]
+
+
+def measure(seq_length: int, variant: str, args) -> dict:
+    flags = step_flags(seq_length, variant, args.num_layers, args.vocab_size,
+                       args.warmup + args.iters, args.backend)
     trainer = Trainer(parse_args(flags))
     result = trainer.fit()
     times = result.step_times[args.warmup:]

@@ -33,6 +33,7 @@ from megatron_longgen.utils.accelerators import describe
 class TrainResult:
     iteration: int
     losses: Dict[int, float] = field(default_factory=dict)
+    grad_norms: Dict[int, float] = field(default_factory=dict)
     eval_losses: Dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     step_times: List[float] = field(default_factory=list)
@@ -194,6 +195,7 @@ class Trainer:
             result.step_times.append(step_time)
             if loss is not None:
                 result.losses[self.iteration] = loss
+            result.grad_norms[self.iteration] = grad_norm
             if self.iteration % train.log_interval == 0 or self.iteration == train.train_iters:
                 tflops = self.flops_per_sequence * train.global_batch_size / step_time / world / 1e12
                 logger.log(self.iteration, {
