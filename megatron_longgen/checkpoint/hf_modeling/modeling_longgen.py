@@ -12,14 +12,20 @@ as the training code's: a query at position q reads key k (k <= q) when
   the head.
 
 Positions count from the first token in the cache (no left padding in sparse layers).
+``generate()`` uses ``LongGenCache`` by default: sparse layers keep only the tokens their
+pattern can still read (see ``LongGenPatternLayer``), full layers keep everything.
 This file must stay self-contained: it is copied into exported model folders.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaForCausalLM,
@@ -32,26 +38,26 @@ from transformers.models.llama.modeling_llama import (
 from .configuration_longgen import LongGenConfig
 
 
+def _pattern_allowed(config, q, k, offsets):
+    """The pattern rule on broadcastable absolute positions q, k (k < 0 = empty slot)."""
+    causal = (k >= 0) & (k <= q)
+    if config.sparse_attention == "attn_sink":
+        return causal & ((k < config.sink_tokens) | (q - k < config.sliding_window_size))
+    qb, kb = q // config.sparse_block_size, k // config.sparse_block_size
+    vertical = (kb + offsets + 1) % config.vert_stride == 0
+    return causal & ((qb - kb < config.local_blocks) | vertical)
+
+
 def longgen_sparse_mask(config, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """Boolean mask [H or 1, len(q_pos), len(k_pos)] of a sparse layer (True = attend).
 
     H = num_attention_heads when heads differ (block_sparse without homo_head), else 1.
     """
-    q, k = q_pos.long()[:, None], k_pos.long()[None, :]
-    causal = k <= q
-    if config.sparse_attention == "attn_sink":
-        return (causal & ((k < config.sink_tokens) | (q - k < config.sliding_window_size)))[None]
-    block, stride = config.sparse_block_size, config.vert_stride
-    qb, kb = q // block, k // block
-    groups = config.num_key_value_heads
-    if config.homo_head or groups == 1 or stride == 1:
-        offsets = torch.zeros(1, dtype=torch.long, device=q.device)
-    else:
-        heads = torch.arange(config.num_attention_heads, device=q.device)
-        group = heads // (config.num_attention_heads // groups)
-        offsets = (group * max(1, stride // groups)) % stride
-    vertical = (kb[None] + offsets[:, None, None] + 1) % stride == 0
-    return causal[None] & (((qb - kb) < config.local_blocks)[None] | vertical)
+    q, k = q_pos.long()[None, :, None], k_pos.long()[None, None, :]
+    offsets = _head_offsets(config, q.device)
+    if config.sparse_attention == "attn_sink" or not bool(offsets.any()):
+        offsets = offsets[:1]  # one mask shared by every head
+    return _pattern_allowed(config, q, k, offsets.view(-1, 1, 1))
 
 
 def _head_offsets(config, device) -> torch.Tensor:
@@ -102,6 +108,173 @@ def _allowed_from_hf_mask(attention_mask, q_len: int, k_len: int):
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def _kv_head_offsets(config, device) -> torch.Tensor:
+    """Vertical-stride offset of each KV head (all query heads of a group share it)."""
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    return _head_offsets(config, device)[::per_group]
+
+
+class LongGenPatternLayer(CacheLayerMixin):
+    """KV cache of one sparse layer holding only what its pattern can still read.
+
+    ``keys``/``values`` [batch, kv_heads, slots, head_dim] and ``positions`` [batch, kv_heads,
+    slots] (absolute position of each slot, -1 = empty). Slot rules, per KV head:
+
+    * ``attn_sink``: the sink tokens, then a ring of the last ``window - 1`` tokens (the next
+      query reads itself from the new chunk, not from the cache);
+    * ``block_sparse``: a ring of the last ``local_blocks`` blocks (non-vertical blocks only),
+      then one block per vertical-stride block of the head up to ``max_length``.
+
+    After each write every token no future query can read is dropped, so the size is fixed
+    by the pattern, not by the length. Masks are rebuilt from ``positions``, so slot order
+    never matters.
+    """
+
+    is_sliding = True  # HF builds its shared mask from a full layer, not from this one
+
+    def __init__(self, config, max_length: int):
+        super().__init__()
+        self.config, self.max_length = config, int(max_length)
+        self.positions = self.positions_for_attention = None
+        self.cumulative_length = 0  # tokens seen; positions of a new chunk continue from it
+
+    # ---- slot layout ----
+
+    @property
+    def local_blocks(self) -> int:  # no more ring blocks than the longest sequence has
+        return min(self.config.local_blocks, math.ceil(self.max_length / self.config.sparse_block_size))
+
+    def capacity(self, offsets: torch.Tensor) -> int:
+        c = self.config
+        if c.sparse_attention == "attn_sink":
+            return min(c.sink_tokens + max(c.sliding_window_size - 1, 0), self.max_length)
+        blocks = torch.arange(math.ceil(self.max_length / c.sparse_block_size), device=offsets.device)
+        vertical = int(((blocks[None] + offsets[:, None] + 1) % c.vert_stride == 0).sum(-1).max())
+        return (self.local_blocks + vertical) * c.sparse_block_size
+
+    def _keep(self, pos, length, offsets):
+        """Whether a future query (position >= length) can still read the key at pos."""
+        c = self.config
+        if c.sparse_attention == "attn_sink":
+            return (pos >= 0) & ((pos < c.sink_tokens) | (length - pos < c.sliding_window_size))
+        block = pos // c.sparse_block_size
+        local = length // c.sparse_block_size - block < c.local_blocks
+        return (pos >= 0) & (local | ((block + offsets + 1) % c.vert_stride == 0))
+
+    def _slot(self, pos, offsets):
+        c = self.config
+        if c.sparse_attention == "attn_sink":
+            ring = max(c.sliding_window_size - 1, 1)
+            return torch.where(pos < c.sink_tokens, pos, (pos - c.sink_tokens) % ring + c.sink_tokens)
+        b, block, inner = c.sparse_block_size, pos // c.sparse_block_size, pos % c.sparse_block_size
+        ring = (block % self.local_blocks) * b + inner
+        vertical = (self.local_blocks + (block + offsets + 1) // c.vert_stride - 1) * b + inner
+        return torch.where((block + offsets + 1) % c.vert_stride == 0, vertical, ring)
+
+    # ---- HF cache-layer interface ----
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, dim = key_states.shape
+        self.device = key_states.device
+        self.offsets = _kv_head_offsets(self.config, self.device).view(1, -1, 1)
+        n = self.capacity(self.offsets.view(-1))
+        self.keys = key_states.new_zeros(batch, heads, n, dim)
+        self.values = value_states.new_zeros(batch, heads, n, value_states.shape[-1])
+        self.positions = torch.full((batch, heads, n), -1, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Returns the held keys/values followed by the new chunk's (``positions_for_attention``
+        gives their positions): the chunk's own queries may read tokens the write evicts."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        chunk = key_states.shape[2]
+        start, length = self.cumulative_length, self.cumulative_length + chunk
+        if length > self.max_length:
+            raise ValueError(f"sequence length {length} exceeds the cache's max_length {self.max_length}")
+        new_pos = torch.arange(start, length, device=self.device).expand(*self.positions.shape[:2], -1)
+        keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=2)
+        values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=2)
+        self.positions_for_attention = torch.cat([self.positions, new_pos], dim=2)
+
+        # Evict first: a kept new token may reuse the slot of an evicted one.
+        self.positions.masked_fill_(~self._keep(self.positions, length, self.offsets), -1)
+        b, h, c = self._keep(new_pos, length, self.offsets).expand(self.keys.shape[0], -1, -1).nonzero(as_tuple=True)
+        slot = self._slot(new_pos, self.offsets).expand(self.keys.shape[0], -1, -1)[b, h, c]
+        self.keys[b, h, slot] = key_states[b, h, c].to(self.keys.dtype)
+        self.values[b, h, slot] = value_states[b, h, c].to(self.values.dtype)
+        self.positions[b, h, slot] = start + c
+        self.cumulative_length = length
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Only used when no layer is full; sparse layers build their own mask from positions.
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_length
+
+    def nbytes(self) -> int:
+        """Bytes of K and V (positions are bookkeeping and not counted)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def reset(self):
+        super().reset()
+        if self.is_initialized:
+            self.positions.fill_(-1)
+
+    def _select(self, fn):
+        if self.is_initialized:
+            self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
+
+    def reorder_cache(self, beam_idx):
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._select(lambda t: t[indices])
+
+
+class LongGenCache(Cache):
+    """Cache of a LongGen model: full layers grow with the sequence (HF ``DynamicLayer``),
+    sparse layers are ``LongGenPatternLayer``s of fixed, pattern-sized capacity.
+
+    ``max_length`` (default ``max_position_embeddings``) bounds the sequence; BlockSparse layers
+    size their vertical-stride region from it."""
+
+    def __init__(self, config, max_length: int | None = None):
+        max_length = config.max_position_embeddings if max_length is None else int(max_length)
+        if max_length > config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        full = set(config.full_attention_layers)
+        self.kinds = ["full" if i in full else config.sparse_attention for i in range(config.num_hidden_layers)]
+        super().__init__(layers=[DynamicLayer() if kind == "full" else LongGenPatternLayer(config, max_length)
+                                 for kind in self.kinds])
+
+    def nbytes_by_kind(self) -> dict:
+        """Bytes of K and V now held, summed per layer kind ("full", "attn_sink", "block_sparse")."""
+        out = {}
+        for kind, layer in zip(self.kinds, self.layers):
+            if isinstance(layer, LongGenPatternLayer):
+                n = layer.nbytes()
+            else:
+                n = 0 if not layer.is_initialized else 2 * layer.keys.numel() * layer.keys.element_size()
+            out[kind] = out.get(kind, 0) + n
+        return out
+
+    def report(self) -> str:
+        parts = [f"{kind}: {n / 2**20:.2f} MiB" for kind, n in sorted(self.nbytes_by_kind().items())]
+        return ", ".join(parts + [f"total: {sum(self.nbytes_by_kind().values()) / 2**20:.2f} MiB"])
+
+
 class LongGenSparseAttention(LlamaAttention):
     """LlamaAttention (same weights) with the layer's sparse pattern applied."""
 
@@ -118,6 +291,9 @@ class LongGenSparseAttention(LlamaAttention):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        layer_cache = cache.layers[self.layer_idx] if isinstance(cache, LongGenCache) else None
+        if isinstance(layer_cache, LongGenPatternLayer):
+            return self._attend_pattern_cache(query, key, value, layer_cache, attention_mask, input_shape)
 
         q_len, k_len = query.shape[2], key.shape[2]
         device = query.device
@@ -136,6 +312,33 @@ class LongGenSparseAttention(LlamaAttention):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=self.scaling)
         # A row with no allowed key (padding) gives NaN in SDPA; its output is defined as 0.
         out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+        out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+    def _attend_pattern_cache(self, query, key, value, layer_cache, attention_mask, input_shape):
+        """Attention over a LongGenPatternLayer's held keys plus the new chunk, masked by the
+        pattern at the keys' absolute positions."""
+        if attention_mask is not None:
+            last_row = attention_mask[..., -1, :]
+            allowed = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
+            if not bool(allowed.all()):
+                # Sparse layers place tokens by absolute position from the first token; with
+                # left padding that position differs per row and the pattern would be shifted.
+                raise ValueError("LongGenCache does not support padded batches: the sparse layers' "
+                                 "pattern needs every row to start at position 0. Generate rows of "
+                                 "different lengths separately.")
+        q_len = query.shape[2]
+        end = layer_cache.cumulative_length
+        if query.is_cuda and q_len > 1 and end == q_len:  # a fresh prompt: positions 0..q_len-1
+            out = flex_sparse_attention(self.config, query, key[:, :, -q_len:], value[:, :, -q_len:], self.scaling)
+        else:
+            q_pos = torch.arange(end - q_len, end, device=query.device).view(1, 1, -1, 1)
+            k_pos = layer_cache.positions_for_attention.repeat_interleave(self.num_key_value_groups, 1)
+            offsets = _head_offsets(self.config, query.device).view(1, -1, 1, 1)
+            allowed = _pattern_allowed(self.config, q_pos, k_pos[:, :, None, :], offsets)
+            key = repeat_kv(key, self.num_key_value_groups)
+            value = repeat_kv(value, self.num_key_value_groups)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=self.scaling)
         out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
 
@@ -163,6 +366,21 @@ class LongGenForCausalLM(LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets a LongGenCache unless the caller passes a cache, asks for another
+        implementation or turns caching off."""
+        name = "cache" if "cache" in inspect.signature(self.forward).parameters else "past_key_values"
+        if (model_kwargs.get(name) is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            max_length = generation_config.max_length
+            if max_length > self.config.max_position_embeddings:
+                raise ValueError(f"prompt plus new tokens ({max_length}) exceed max_position_embeddings "
+                                 f"({self.config.max_position_embeddings}) of this LongGen model")
+            model_kwargs[name] = LongGenCache(self.config, max_length)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-__all__ = ["LongGenConfig", "LongGenForCausalLM", "LongGenModel", "LongGenSparseAttention",
+
+__all__ = ["LongGenCache", "LongGenConfig", "LongGenForCausalLM", "LongGenModel", "LongGenPatternLayer",
+           "LongGenSparseAttention",
            "flex_sparse_attention", "longgen_sparse_mask"]
