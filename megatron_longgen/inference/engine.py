@@ -26,7 +26,7 @@ import torch
 
 from megatron_longgen.attention.reference import masked_attention
 from megatron_longgen.inference.kv_cache import KVCache, LayerCache
-from megatron_longgen.inference.layer_ops import project_qkv, run_layer
+from megatron_longgen.inference.layer_ops import output_logits, project_qkv, run_layer
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -42,8 +42,10 @@ class InferenceEngine:
 
     def __post_init__(self):
         self.config = self.model.config
-        if self.config.tensor_model_parallel_size != 1 or self.config.pipeline_model_parallel_size != 1:
-            raise ValueError("the inference engine runs TP = PP = 1 models only")
+        # Tensor parallelism needs nothing of the engine beyond per-rank heads (the caches
+        # hold this rank's KV heads) and gathered logits; pipelines are not supported.
+        if self.config.pipeline_model_parallel_size != 1:
+            raise ValueError("the inference engine runs PP = 1 models only (TP > 1 is supported)")
         if not (self.model.pre_process and self.model.post_process):
             raise ValueError("the inference engine needs the whole model (one pipeline stage)")
         if self.max_length > self.model.max_sequence_length:
@@ -66,10 +68,13 @@ class InferenceEngine:
     # ---- cache ----
 
     def new_cache(self, batch: int) -> KVCache:
-        patterns = [layer.self_attention.core_attention.pattern for layer in self.layers]
-        c = self.config
-        return KVCache.allocate(patterns, batch, c.num_query_groups, c.num_attention_heads,
-                                c.kv_channels, self.max_length, self.param.dtype, self.param.device)
+        attn = [layer.self_attention for layer in self.layers]
+        a = attn[0]
+        return KVCache.allocate(
+            [x.core_attention.pattern for x in attn], batch, a.num_query_groups_per_partition,
+            a.num_attention_heads_per_partition, a.hidden_size_per_attention_head,
+            self.max_length, self.param.dtype, self.param.device,
+            first_heads=[int(x.core_attention.global_heads[0]) for x in attn])
 
     # ---- one forward step over a chunk ----
 
@@ -88,8 +93,7 @@ class InferenceEngine:
         freqs = self.rope[pos.clamp(max=self.max_length - 1)][:, None]  # [b, 1, c, d]
         for layer, lc in zip(self.layers, cache.layers):
             x = self._layer(layer, lc, x, pos, valid, freqs, cache.lengths, new_length)
-        x = self.model.decoder.final_layernorm(x)
-        logits, _ = self.model.output_layer(x)
+        logits = output_logits(self.model, x)
         cache.lengths = new_length
         return logits.transpose(0, 1).float()
 
@@ -98,9 +102,9 @@ class InferenceEngine:
             attn, lc, h, pos, valid, freqs, old_length, new_length))
 
     def _attention(self, attn, lc: LayerCache, x, pos, valid, freqs, old_length, new_length):
-        c = self.config
-        groups, per_group = c.num_query_groups, c.num_attention_heads // c.num_query_groups
-        q, k, v = project_qkv(attn, x, freqs, c.rotary_interleaved)
+        groups = attn.num_query_groups_per_partition  # this rank's heads under TP
+        per_group = attn.num_attention_heads_per_partition // groups
+        q, k, v = project_qkv(attn, x, freqs, self.config.rotary_interleaved)
         b, s = q.shape[0], q.shape[2]
 
         # Keys: what the cache still holds (all a query of this chunk may read from before
@@ -109,7 +113,7 @@ class InferenceEngine:
         new_pos = torch.where(valid, pos, -1)[:, None].expand(-1, groups, -1)
         keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
         key_pos = torch.cat([pos_old, new_pos], 2).repeat_interleave(per_group, dim=1)
-        heads = torch.arange(groups * per_group, device=pos.device)[None, :, None, None]
+        heads = attn.core_attention.global_heads.to(pos.device)[None, :, None, None]
         key_pos = key_pos[:, :, None, :]  # [b, hq, 1, keys]
         mask = lc.pattern.allowed(pos[:, None, :, None], key_pos, heads) & (key_pos >= 0)
         out, _ = masked_attention(q, keys, values, mask, attn.core_attention.softmax_scale)

@@ -33,7 +33,7 @@ from megatron_longgen.inference.kv_cache import (
     LayerCache,
     SinkSlots,
 )
-from megatron_longgen.inference.layer_ops import finish_layer, project_qkv, run_layer
+from megatron_longgen.inference.layer_ops import finish_layer, output_logits, project_qkv, run_layer
 
 # Prefill backends of ``auto`` on CUDA. The forward of our Triton kernel is as fast as Flex's
 # for AttnSink and 2.5x faster for BlockSparse (docs/benchmarks.md), and needs no compilation
@@ -81,7 +81,7 @@ def fast_prefill(engine, ids: torch.Tensor, lengths: torch.Tensor,
     for layer, lc in zip(engine.layers, cache.layers):
         _prefill_layer(engine, layer, lc, x, freqs, positions, valid, lengths, spans)
     last = x[lengths - 1, torch.arange(batch, device=ids.device)]  # [b, hidden]
-    logits, _ = model.output_layer(model.decoder.final_layernorm(last[None]))
+    logits = output_logits(model, last[None])
     cache.lengths = lengths.clone()
     return cache, logits[0].float()
 
@@ -174,7 +174,7 @@ class DecodeStep:
                 return self._attend(attn, h, lc, offsets, head_offsets, pos, freqs)
 
             x = run_layer(layer, x, attend)
-        logits, _ = model.output_layer(model.decoder.final_layernorm(x))
+        logits = output_logits(model, x)
         cache.lengths.add_(1)  # in place: a captured graph keeps reading this tensor
         return logits[0].float()
 

@@ -10,6 +10,7 @@ from typing import Callable, Tuple
 
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
 def project_qkv(attn, x: torch.Tensor, freqs: torch.Tensor,
@@ -50,3 +51,11 @@ def finish_layer(layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor
     x = x + (out if bias is None else out + bias)
     out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
     return x + (out if bias is None else out + bias)
+
+
+def output_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and output layer on x [s, b, hidden]: logits [s, b, vocab] over the whole
+    vocabulary (the output layer is vocab-parallel under tensor parallelism: gathered here;
+    a no-op at TP = 1)."""
+    logits, _ = model.output_layer(model.decoder.final_layernorm(x))
+    return gather_from_tensor_model_parallel_region(logits)
