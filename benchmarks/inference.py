@@ -70,7 +70,7 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(variant: str, device: str):
+def build_model(variant: str, device: str, max_length: int):
     from megatron_longgen.models.gpt import build_longgen_model
     from megatron_longgen.models.presets import get_preset, longgen_config
 
@@ -82,7 +82,7 @@ def build_model(variant: str, device: str):
         preset = "llama2-7b"
         cfg = longgen_config(preset, bf16=True, params_dtype=torch.bfloat16,
                              **VARIANTS[variant])
-    return build_longgen_model(cfg, get_preset(preset).vocab_size, 2 ** 17 + 1024).eval()
+    return build_longgen_model(cfg, get_preset(preset).vocab_size, max_length).eval()
 
 
 class Timer:
@@ -173,9 +173,11 @@ def main(argv=None) -> int:
     shapes = [(1, n) for n in args.lengths]
     if args.batch_length:
         shapes.append((args.batch, args.batch_length))
+    longest = max(n for _, n in shapes + [(1, args.warmup_length)])
+    max_length = longest + args.decode_warmup + args.decode_steps + 1
     rows = []
     for variant in args.variants:
-        model = build_model(variant, args.device)
+        model = build_model(variant, args.device, max_length)
         # Compile the prefill kernels once per model, outside the timings (no per-length tuning).
         measure(model, 1, args.warmup_length, args, decode=False)
         for batch, length in shapes:
