@@ -6,6 +6,10 @@ Example (one process, TP = PP = 1; any saved layout loads):
     python tools/generate.py --load ckpt/longgen-tiny --tokenizer-model tok.model \\
         --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
 
+Tensor parallel over the GPUs of one node (rank 0 prints):
+
+    torchrun --nproc-per-node 2 tools/generate.py --device cuda --tensor-model-parallel-size 2 ...
+
 The model's shape and LongGen flags come from the checkpoint itself (the trainer's
 ``train_config`` or a converted checkpoint's record), so they cannot disagree with the weights.
 Without a tokenizer, pass token ids: ``--prompt-ids 1,450,3978``.
@@ -37,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the tokenizer's end-of-sequence token, if any")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="split heads/MLP/vocabulary over this many ranks (torchrun, one node)")
+    p.add_argument("--attention", choices=["auto", "exact", "fast"], default="auto",
+                   help="engine attention path (auto: fast on CUDA)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch 1)")
     p.add_argument("--report-cache", action="store_true", help="print KV cache memory per layer kind")
     return p
@@ -59,15 +68,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         prompts = [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
 
-    from megatron_longgen.checkpoint.megatron_io import load_single_process_model
+    import torch
+    import torch.distributed as dist
 
-    model = load_single_process_model(args.load, args.iteration)
+    from megatron_longgen.checkpoint.megatron_io import load_inference_model
+
+    tp = args.tensor_model_parallel_size
+    model = load_inference_model(args.load, args.iteration, tp, args.device)
     vocab = model.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise SystemExit(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
-    engine = InferenceEngine(model, args.max_length or model.max_sequence_length,
-                             chunk_size=args.chunk_size)
+    max_length = args.max_length or model.max_sequence_length
+    longest = max(len(p) for p in prompts)
+    if longest > max_length:
+        raise SystemExit(f"prompt of {longest} tokens exceeds the maximum length {max_length} "
+                         f"(--max-length, or the model's max_position_embeddings)")
+    engine = InferenceEngine(model, max_length, chunk_size=args.chunk_size,
+                             attention=args.attention)
+    rank = dist.get_rank()
+    if tp > 1 and args.seed is None:  # every rank must draw the same tokens: one shared seed
+        seed = torch.randint(0, 2**31 - 1, (1,), device=args.device)
+        dist.broadcast(seed, src=0)
+        args.seed = int(seed)
     stop = args.stop_token
     if stop is None:
         stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id >= 0 else []
@@ -78,9 +101,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
 
     on_token = None
-    if args.stream and len(prompts) == 1:
+    if args.stream and len(prompts) == 1 and rank == 0:
         on_token = lambda i, t: print(show([t]), end=" " if tokenizer is None else "", flush=True)
     outputs = generate(engine, prompts, cfg, on_token=on_token)
+    if rank != 0:
+        return 0
     if on_token is not None:
         print()
     else:

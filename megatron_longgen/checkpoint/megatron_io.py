@@ -167,3 +167,29 @@ def load_single_process_model(root: str, iteration=None):
     model = build_model(record)
     load(model, root, iteration)
     return model.eval()
+
+
+def load_inference_model(root: str, iteration=None, tensor_parallel: int = 1, device: str = "cpu"):
+    """This rank's part of a checkpoint's model for generation: TP ranks of one node (launched
+    with torchrun), PP = 1, eval mode, on ``device``. The distributed checkpoint reshards to
+    any TP size; a checkpoint whose tensors disagree with the config it records fails clearly."""
+    from megatron_longgen.parallel.initialize import initialize_parallel
+
+    record = record_for(root, iteration)
+    s = record.shape
+    if s.num_attention_heads % tensor_parallel or s.num_query_groups % tensor_parallel:
+        raise ConversionError(
+            f"tensor parallel size {tensor_parallel} must divide the attention heads "
+            f"({s.num_attention_heads}) and the query groups ({s.num_query_groups})")
+    initialize_parallel(tensor_model_parallel_size=tensor_parallel, device=device)
+    # On CUDA the parameters are made there: NCCL loads them in place.
+    model = build_model(record, use_cpu_initialization=device == "cpu")
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        load(model, root, iteration)
+    except (CheckpointException, CheckpointingException, RuntimeError, KeyError) as err:
+        raise ConversionError(f"checkpoint {root} does not match the model its config describes "
+                              f"({s}): {err}") from err
+    return model.eval()

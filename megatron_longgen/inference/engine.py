@@ -9,9 +9,12 @@ own positions (starting at 0, as in training) and its own cache slots. Chunks ar
 right-padded; padded tokens are computed but never written to the cache and their outputs are
 ignored. Decode steps feed one token per sequence.
 
-Prefill runs in chunks of ``chunk_size`` tokens; each chunk's queries attend to what the cache
-holds plus the chunk's own keys, masked with ``pattern.allowed`` at the true positions, so a
-sparse layer only reads its pattern and decode is the same step with a chunk of one token.
+Two attention paths (``attention=``): ``exact`` runs prefill in chunks of ``chunk_size`` tokens,
+each chunk's queries attending to what the cache holds plus the chunk's own keys, masked with
+``pattern.allowed`` at the true positions (decode is the same step with a chunk of one token);
+pure torch, the CPU path and the reference. ``fast`` (``fast_path.py``) prefills layer by layer
+with the training attention kernels and decodes with a split-K Triton kernel over the compact
+caches, replayed as CUDA graphs. ``auto`` picks ``fast`` on CUDA.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from megatron_longgen.attention.reference import masked_attention
 from megatron_longgen.inference.kv_cache import KVCache, LayerCache
+from megatron_longgen.inference.layer_ops import output_logits, project_qkv, run_layer
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -33,11 +36,16 @@ class InferenceEngine:
     model: torch.nn.Module  # a GPTModel from build_longgen_model (pre and post process)
     max_length: int  # longest sequence (prompt + generated) a cache can hold
     chunk_size: int = 512
+    attention: str = "auto"  # "exact", "fast" or "auto" (fast on CUDA)
+    prefill_backend: str = "auto"  # fast path: attention backend of prefill (backends.py names)
+    cuda_graphs: bool = True  # fast path on CUDA: replay decode steps as CUDA graphs
 
     def __post_init__(self):
         self.config = self.model.config
-        if self.config.tensor_model_parallel_size != 1 or self.config.pipeline_model_parallel_size != 1:
-            raise ValueError("the inference engine runs TP = PP = 1 models only")
+        # Tensor parallelism needs nothing of the engine beyond per-rank heads (the caches
+        # hold this rank's KV heads) and gathered logits; pipelines are not supported.
+        if self.config.pipeline_model_parallel_size != 1:
+            raise ValueError("the inference engine runs PP = 1 models only (TP > 1 is supported)")
         if not (self.model.pre_process and self.model.post_process):
             raise ValueError("the inference engine needs the whole model (one pipeline stage)")
         if self.max_length > self.model.max_sequence_length:
@@ -48,14 +56,25 @@ class InferenceEngine:
         # RoPE table of Megatron's RotaryEmbedding: [max_length, head_dim].
         with torch.no_grad():
             self.rope = self.model.rotary_pos_emb(self.max_length)[:, 0, 0, :].to(self.param.device)
+        if self.attention not in ("auto", "exact", "fast"):
+            raise ValueError(f"attention must be 'auto', 'exact' or 'fast', got {self.attention!r}")
+        self.fast = self.attention == "fast" or (self.attention == "auto" and self.param.is_cuda)
+        self._fast_decoder = None
+        if self.fast:
+            from megatron_longgen.inference.fast_path import check_fast_path
+
+            check_fast_path(self)
 
     # ---- cache ----
 
     def new_cache(self, batch: int) -> KVCache:
-        patterns = [layer.self_attention.core_attention.pattern for layer in self.layers]
-        c = self.config
-        return KVCache.allocate(patterns, batch, c.num_query_groups, c.num_attention_heads,
-                                c.kv_channels, self.max_length, self.param.dtype, self.param.device)
+        attn = [layer.self_attention for layer in self.layers]
+        a = attn[0]
+        return KVCache.allocate(
+            [x.core_attention.pattern for x in attn], batch, a.num_query_groups_per_partition,
+            a.num_attention_heads_per_partition, a.hidden_size_per_attention_head,
+            self.max_length, self.param.dtype, self.param.device,
+            first_heads=[int(x.core_attention.global_heads[0]) for x in attn])
 
     # ---- one forward step over a chunk ----
 
@@ -74,36 +93,19 @@ class InferenceEngine:
         freqs = self.rope[pos.clamp(max=self.max_length - 1)][:, None]  # [b, 1, c, d]
         for layer, lc in zip(self.layers, cache.layers):
             x = self._layer(layer, lc, x, pos, valid, freqs, cache.lengths, new_length)
-        x = self.model.decoder.final_layernorm(x)
-        logits, _ = self.model.output_layer(x)
+        logits = output_logits(self.model, x)
         cache.lengths = new_length
         return logits.transpose(0, 1).float()
 
     def _layer(self, layer, lc: LayerCache, x, pos, valid, freqs, old_length, new_length):
-        attn = layer.self_attention
-        out, bias = attn.linear_proj(self._attention(attn, lc, layer.input_layernorm(x), pos,
-                                                     valid, freqs, old_length, new_length))
-        x = x + (out if bias is None else out + bias)
-        out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
-        return x + (out if bias is None else out + bias)
+        return run_layer(layer, x, lambda attn, h: self._attention(
+            attn, lc, h, pos, valid, freqs, old_length, new_length))
 
     def _attention(self, attn, lc: LayerCache, x, pos, valid, freqs, old_length, new_length):
-        c = self.config
-        groups, per_group, d = c.num_query_groups, c.num_attention_heads // c.num_query_groups, c.kv_channels
-        qkv, _ = attn.linear_qkv(x)  # [s, b, groups * (per_group + 2) * d]
-        s, b = qkv.shape[:2]
-        # Megatron's fused layout: per query group [its query heads..., k, v].
-        qkv = qkv.view(s, b, groups, per_group + 2, d)
-        q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, d)
-        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
-        if attn.q_layernorm is not None:
-            q = attn.q_layernorm(q)
-        if attn.k_layernorm is not None:
-            k = attn.k_layernorm(k)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        interleaved = c.rotary_interleaved
-        q = _apply_rotary_pos_emb_bshd(q, freqs.to(q.dtype), rotary_interleaved=interleaved)
-        k = _apply_rotary_pos_emb_bshd(k, freqs.to(k.dtype), rotary_interleaved=interleaved)
+        groups = attn.num_query_groups_per_partition  # this rank's heads under TP
+        per_group = attn.num_attention_heads_per_partition // groups
+        q, k, v = project_qkv(attn, x, freqs, self.config.rotary_interleaved)
+        b, s = q.shape[0], q.shape[2]
 
         # Keys: what the cache still holds (all a query of this chunk may read from before
         # it) plus the chunk itself; masked by the pattern at the true positions.
@@ -111,7 +113,7 @@ class InferenceEngine:
         new_pos = torch.where(valid, pos, -1)[:, None].expand(-1, groups, -1)
         keys, values = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2)
         key_pos = torch.cat([pos_old, new_pos], 2).repeat_interleave(per_group, dim=1)
-        heads = torch.arange(groups * per_group, device=pos.device)[None, :, None, None]
+        heads = attn.core_attention.global_heads.to(pos.device)[None, :, None, None]
         key_pos = key_pos[:, :, None, :]  # [b, hq, 1, keys]
         mask = lc.pattern.allowed(pos[:, None, :, None], key_pos, heads) & (key_pos >= 0)
         out, _ = masked_attention(q, keys, values, mask, attn.core_attention.softmax_scale)
@@ -128,8 +130,12 @@ class InferenceEngine:
         if int(lengths.max()) > self.max_length:
             raise ValueError(f"prompt of {int(lengths.max())} tokens exceeds max_length "
                              f"{self.max_length}")
-        cache = self.new_cache(ids.shape[0])
         chunk = chunk_size or self.chunk_size
+        if self.fast:
+            from megatron_longgen.inference.fast_path import fast_prefill
+
+            return fast_prefill(self, ids, lengths, chunk)
+        cache = self.new_cache(ids.shape[0])
         last = None
         for start in range(0, ids.shape[1], chunk):
             tokens = ids[:, start:start + chunk]
@@ -145,6 +151,13 @@ class InferenceEngine:
 
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence [b] -> next-token logits [b, vocab]."""
+        if self.fast:
+            from megatron_longgen.inference.fast_path import FastDecoder
+
+            if self._fast_decoder is None or not self._fast_decoder.serves(cache):
+                self._fast_decoder = None  # let a previous cache's buffers (and graph) go first
+                self._fast_decoder = FastDecoder(self, cache)
+            return self._fast_decoder(tokens)
         tokens = tokens.view(-1, 1)
         return self.forward_chunk(cache, tokens, torch.ones_like(tokens, dtype=torch.bool))[:, 0]
 

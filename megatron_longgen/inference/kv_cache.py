@@ -147,12 +147,14 @@ class LayerCache:
 
     @classmethod
     def allocate(cls, pattern, batch, num_kv_heads, heads_per_group, head_dim, max_length,
-                 dtype, device) -> "LayerCache":
+                 dtype, device, first_head: int = 0) -> "LayerCache":
+        """``first_head``: global index of this rank's first query head (tensor parallelism
+        splits heads; a heterogeneous pattern's offsets follow the global head)."""
         layout = slots_for(pattern, max_length)
         n = layout.capacity
         k = torch.zeros(batch, num_kv_heads, n, head_dim, dtype=dtype, device=device)
         pos = torch.full((batch, num_kv_heads, n), -1, dtype=torch.long, device=device)
-        kv_heads = torch.arange(num_kv_heads, device=device) * heads_per_group
+        kv_heads = first_head + torch.arange(num_kv_heads, device=device) * heads_per_group
         return cls(pattern, k, torch.zeros_like(k), pos, kv_heads, layout)
 
     @property
@@ -222,10 +224,14 @@ class KVCache:
     @classmethod
     def allocate(cls, patterns: Sequence[Pattern], batch: int, num_query_groups: int,
                  num_heads: int, head_dim: int, max_length: int, dtype=torch.float32,
-                 device="cpu") -> "KVCache":
+                 device="cpu", first_heads: Optional[Sequence[int]] = None) -> "KVCache":
+        """Heads and groups of this rank; ``first_heads``: per layer, the global index of its
+        first query head (0 without tensor parallelism)."""
         per_group = num_heads // num_query_groups
+        first_heads = first_heads or [0] * len(patterns)
         layers = [LayerCache.allocate(p, batch, num_query_groups, per_group, head_dim,
-                                      max_length, dtype, device) for p in patterns]
+                                      max_length, dtype, device, first)
+                  for p, first in zip(patterns, first_heads)]
         return cls(layers, torch.zeros(batch, dtype=torch.long, device=device), max_length)
 
     @classmethod

@@ -1,12 +1,14 @@
 """Sampling, stop tokens and streaming of ``generate``, and the generate CLI on a trainer
 checkpoint."""
 
+import dataclasses
 import importlib.util
 import os
 
 import pytest
 import torch
 
+from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.inference.engine import InferenceEngine
 from megatron_longgen.inference.generate import SamplingConfig, filter_logits, generate
 from megatron_longgen.models.gpt import build_longgen_model
@@ -100,3 +102,26 @@ def test_cli_generates_from_a_trainer_checkpoint(megatron_cpu, tmp_path, capsys)
     want = reference_greedy(model.eval(), prompt, 5)
     assert f"[0] {' '.join(map(str, want))}" in out
     assert "block_sparse:" in out and "causal:" in out
+    # Clear errors: a prompt past the maximum length, a TP size the heads cannot be split by.
+    with pytest.raises(SystemExit, match="exceeds the maximum length 16"):
+        cli.main(["--load", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
+                  "--max-length", "16"])
+    with pytest.raises(ConversionError, match="tensor parallel size 3 must divide"):
+        cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2",
+                  "--tensor-model-parallel-size", "3"])
+    # A config that disagrees with the saved tensors (here a wider MLP) names the checkpoint.
+    from megatron_longgen.checkpoint import megatron_io
+
+    record_for = megatron_io.record_for
+
+    def wrong_record(*args):
+        record = record_for(*args)
+        record.shape = dataclasses.replace(record.shape, ffn_hidden_size=2 * record.shape.ffn_hidden_size)
+        return record
+
+    megatron_io.record_for = wrong_record
+    try:
+        with pytest.raises(ConversionError, match="does not match the model its config describes"):
+            cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2"])
+    finally:
+        megatron_io.record_for = record_for

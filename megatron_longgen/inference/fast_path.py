@@ -1,0 +1,230 @@
+"""The engine's fast path: prefill with the training attention kernels, decode with the split-K
+kernel over the compact caches, decode steps replayed as CUDA graphs.
+
+Prefill goes layer by layer over the whole (right-padded) prompt batch. Per layer, Q/K/V of
+every position are computed ``chunk_size`` positions at a time, then one call of a training
+backend (``attention/backends.py``: SDPA causal for full layers, our Triton block-sparse kernel
+for sparse ones) attends over the whole prompt, so a sparse layer computes only the tiles its
+pattern allows and no L x L mask exists. Full layers write their K/V straight into their cache
+(slot = position); sparse layers keep them in a temporary that ``LayerCache.write`` trims to what
+the cache keeps, and that is freed before the next layer. Padding sits after each prompt's last
+token, so causal attention never lets a real token read it. The MLP and projections then run
+chunk by chunk in place. Peak extra memory is a few [batch, heads, L, d] tensors of one layer.
+
+Decode runs one token per sequence through ``decode_kernel.decode_attention`` and writes the
+new K/V with tensor ops only (no host synchronisation), which makes the whole step capturable:
+on CUDA the first step runs eagerly (compiling and tuning the kernels), the second is captured
+as a CUDA graph, and every later step replays it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_longgen.attention.backends import Backend, resolve_backend
+from megatron_longgen.inference.decode_kernel import decode_attention
+from megatron_longgen.inference.kv_cache import (
+    BlockSlots,
+    FullSlots,
+    KVCache,
+    LayerCache,
+    SinkSlots,
+)
+from megatron_longgen.inference.layer_ops import finish_layer, output_logits, project_qkv, run_layer
+
+# Prefill backends of ``auto`` on CUDA. The forward of our Triton kernel is as fast as Flex's
+# for AttnSink and 2.5x faster for BlockSparse (docs/benchmarks.md), and needs no compilation
+# per prompt length; SDPA (flash) is the fastest causal kernel.
+PREFILL_AUTO_CUDA = {"causal": "sdpa", "attn_sink": "triton", "block_sparse": "triton"}
+
+
+def check_fast_path(engine) -> None:
+    """Clear errors for what the fast path cannot run."""
+    d = engine.config.kv_channels
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the fast inference path needs a head dim that is a power of two >= 16 "
+                         f"(got {d}); use attention='exact'")
+    if not engine.param.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the fast inference path runs Triton kernels on CUDA (on CPU only "
+                         "under TRITON_INTERPRET=1, for tests); use attention='exact'")
+
+
+def prefill_backend(name: str, pattern, device: torch.device) -> Backend:
+    if name == "auto" and device.type == "cuda":
+        name = PREFILL_AUTO_CUDA[pattern.name]
+    return resolve_backend(name, pattern, device)
+
+
+# ---- prefill ----
+
+
+def _spans(length: int, chunk: int):
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+@torch.no_grad()
+def fast_prefill(engine, ids: torch.Tensor, lengths: torch.Tensor,
+                 chunk_size: int) -> Tuple[KVCache, torch.Tensor]:
+    """A fresh cache holding the right-padded prompts ``ids`` [b, L] of ``lengths`` [b], and
+    the logits [b, vocab] after each prompt's last token."""
+    model = engine.model
+    batch, longest = ids.shape
+    cache = engine.new_cache(batch)
+    positions = torch.arange(longest, device=ids.device)
+    valid = positions[None] < lengths[:, None]
+    x = model.embedding(input_ids=ids, position_ids=positions[None].expand(batch, -1))
+    freqs = engine.rope[:longest][None, None]  # [1, 1, L, d]
+    spans = _spans(longest, chunk_size)
+    for layer, lc in zip(engine.layers, cache.layers):
+        _prefill_layer(engine, layer, lc, x, freqs, positions, valid, lengths, spans)
+    last = x[lengths - 1, torch.arange(batch, device=ids.device)]  # [b, hidden]
+    logits = output_logits(model, last[None])
+    cache.lengths = lengths.clone()
+    return cache, logits[0].float()
+
+
+def _prefill_layer(engine, layer, lc: LayerCache, x, freqs, positions, valid, lengths, spans):
+    """One layer over the whole prompt; updates ``x`` [L, b, hidden] in place."""
+    attn = layer.self_attention
+    core = attn.core_attention
+    longest, batch = x.shape[:2]
+    heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+    d = attn.hidden_size_per_attention_head
+    full = isinstance(lc.layout, FullSlots)
+    q_all = x.new_empty(batch, heads, longest, d)
+    if full:  # slot = position: K/V go straight into the cache, no copy of them exists
+        k_all, v_all = lc.k[:, :, :longest], lc.v[:, :, :longest]
+    else:
+        k_all, v_all = x.new_empty(batch, groups, longest, d), x.new_empty(batch, groups, longest, d)
+    for s, e in spans:
+        q, k, v = project_qkv(attn, layer.input_layernorm(x[s:e]), freqs[:, :, s:e],
+                              engine.config.rotary_interleaved)
+        q_all[:, :, s:e], k_all[:, :, s:e], v_all[:, :, s:e] = q, k, v
+        del q, k, v
+    backend = prefill_backend(engine.prefill_backend, core.pattern, x.device)
+    out = backend.fn(q_all, k_all, v_all, pattern=core.pattern, heads=core.global_heads,
+                     scale=core.softmax_scale, cu_seqlens=None)  # [b, heads, L, d]
+    del q_all
+    if full:
+        lc.pos[:, :, :longest] = torch.where(valid, positions, -1)[:, None]
+    else:
+        lc.write(k_all, v_all, positions.expand(batch, -1), valid, lengths)
+    del k_all, v_all
+    for s, e in spans:
+        attn_out = out[:, :, s:e].permute(2, 0, 1, 3).reshape(e - s, batch, heads * d)
+        x[s:e] = finish_layer(layer, x[s:e], attn_out)
+
+
+# ---- decode ----
+
+
+def evictable_slots(layout) -> Optional[slice]:
+    """The slots whose token can stop being readable: the rings. Sinks, vertical blocks and
+    full layers keep every token they hold."""
+    if isinstance(layout, SinkSlots):
+        return slice(min(layout.pattern.sink_tokens, layout.capacity), layout.capacity)
+    if isinstance(layout, BlockSlots):
+        return slice(0, layout.local * layout.pattern.block_size)
+    return None
+
+
+def write_token(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                offsets: torch.Tensor) -> None:
+    """``LayerCache.write`` for one token per sequence (k/v [b, kv_heads, d], positions
+    ``pos`` [b]) with tensor ops only: no host synchronisation, fixed shapes."""
+    layout = lc.layout
+    new_length = (pos + 1).view(-1, 1, 1)
+    ring = evictable_slots(layout)
+    if ring is not None:  # evict first: the new token may take an evicted token's slot
+        held = lc.pos[:, :, ring]
+        held.masked_fill_(~layout.keep(held, new_length, offsets), -1)
+    pos_h = pos.view(-1, 1, 1).expand(-1, lc.pos.shape[1], 1)
+    keep = layout.keep(pos_h, new_length, offsets)  # [b, kv_heads, 1]
+    # A token the cache drops may map past the last slot; it then rewrites that slot unchanged.
+    slot = layout.slot(pos_h, offsets).clamp(max=lc.pos.shape[2] - 1)
+    idx = slot[..., None].expand(-1, -1, -1, lc.k.shape[-1])
+    for cache_t, new in ((lc.k, k), (lc.v, v)):
+        kept = torch.where(keep[..., None], new[:, :, None].to(cache_t.dtype), cache_t.gather(2, idx))
+        cache_t.scatter_(2, idx, kept)
+    lc.pos.scatter_(2, slot, torch.where(keep, pos_h, lc.pos.gather(2, slot)))
+
+
+class DecodeStep:
+    """One decode step (one token per sequence) through the fast kernels. It issues no host
+    synchronisation and allocates only fixed-size temporaries, so it can be graph-captured."""
+
+    def __init__(self, engine, cache: KVCache, num_splits: Optional[int] = None):
+        self.engine, self.cache, self.num_splits = engine, cache, num_splits
+        self.layers: List[tuple] = []
+        for layer, lc in zip(engine.layers, cache.layers):
+            offsets = lc.offsets  # computed once here: it reads the pattern on the host
+            self.layers.append((layer, lc, offsets, offsets.view(-1).to(torch.int32)))
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        engine, cache = self.engine, self.cache
+        model = engine.model
+        pos = cache.lengths  # the new tokens' positions
+        x = model.embedding(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1))
+        freqs = engine.rope[pos.clamp(max=engine.max_length - 1)][:, None, None]  # [b, 1, 1, d]
+        for layer, lc, offsets, head_offsets in self.layers:
+            def attend(attn, h, lc=lc, offsets=offsets, head_offsets=head_offsets):
+                return self._attend(attn, h, lc, offsets, head_offsets, pos, freqs)
+
+            x = run_layer(layer, x, attend)
+        logits = output_logits(model, x)
+        cache.lengths.add_(1)  # in place: a captured graph keeps reading this tensor
+        return logits[0].float()
+
+    def _attend(self, attn, h, lc, offsets, head_offsets, pos, freqs):
+        core = attn.core_attention
+        q, k, v = project_qkv(attn, h, freqs, self.engine.config.rotary_interleaved)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, heads, d]
+        out = decode_attention(q, k, v, lc.k, lc.v, lc.pos, pos, core.pattern, head_offsets,
+                               core.softmax_scale, isinstance(lc.layout, FullSlots),
+                               self.num_splits)
+        write_token(lc, k, v, pos, offsets)
+        return out.reshape(1, out.shape[0], -1)
+
+
+class FastDecoder:
+    """Decode steps over one cache: eager, or on CUDA as a replayed CUDA graph."""
+
+    def __init__(self, engine, cache: KVCache, num_splits: Optional[int] = None):
+        self.cache, self.lengths = cache, cache.lengths
+        self.step = DecodeStep(engine, cache, num_splits)
+        self.max_length = engine.max_length
+        self.longest = int(cache.lengths.max())  # one sync per cache; steps count on the host
+        self.use_graph = engine.cuda_graphs and cache.lengths.is_cuda
+        self.tokens = torch.zeros_like(cache.lengths)
+        self.graph, self.logits, self.warm = None, None, False
+
+    def serves(self, cache: KVCache) -> bool:
+        """Still bound to this cache (the exact path replaces ``lengths``, which a graph reads)."""
+        return cache is self.cache and cache.lengths is self.lengths
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.longest + 1 > self.max_length:
+            raise ValueError(f"sequence length {self.longest + 1} exceeds max_length "
+                             f"{self.max_length}")
+        self.longest += 1
+        self.tokens.copy_(tokens.view(-1))
+        if not self.use_graph:
+            return self.step(self.tokens)
+        if not self.warm:  # compile and tune the kernels, initialise cuBLAS: outside a capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.step(self.tokens)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return logits
+        if self.graph is None:  # capturing records the step without running it
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.tokens)
+        self.graph.replay()
+        return self.logits.clone()

@@ -1,0 +1,161 @@
+"""The fast inference path (whole-prompt prefill with the training backends, split-K decode
+kernel under the Triton interpreter) against the exact pure-torch path: same logits at every
+step, same greedy tokens, same cache contents."""
+
+import pytest
+import torch
+
+from megatron_longgen.attention import backends
+from megatron_longgen.attention.patterns import AttnSinkPattern, BlockSparsePattern, CausalPattern
+from megatron_longgen.attention.triton_kernels import sparse_attention
+from megatron_longgen.inference.engine import InferenceEngine
+from megatron_longgen.inference.fast_path import write_token
+from megatron_longgen.inference.kv_cache import LayerCache
+from megatron_longgen.models.gpt import build_longgen_model
+from megatron_longgen.models.presets import get_preset, longgen_config
+
+VOCAB = get_preset("tiny").vocab_size
+MAX_LEN = 128
+
+CASES = {
+    # Window 8 and blocks of 16: prompts of 21-50 tokens exceed the window and several blocks.
+    "attn_sink": dict(sparse_attention="attn_sink", sink_tokens=2, sliding_window_size=8),
+    "block_hetero": dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1,
+                         vert_stride=2, homo_head=False),
+    "block_homo": dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=2,
+                       vert_stride=3, homo_head=True),
+}
+
+
+def build(case, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = longgen_config("tiny", use_cpu_initialization=True, rotary_base=50000.0,
+                         **{**CASES[case], **overrides})
+    assert cfg.num_query_groups < cfg.num_attention_heads  # GQA
+    return build_longgen_model(cfg, VOCAB, MAX_LEN).eval()
+
+
+def greedy(engine, prompts, steps, chunk_size=None):
+    cache, logits = engine.prefill(prompts, chunk_size=chunk_size)
+    all_logits = []
+    for _ in range(steps):
+        all_logits.append(logits)
+        logits = engine.decode(cache, logits.argmax(-1))
+    all_logits.append(logits)
+    return torch.stack(all_logits, 1), cache
+
+
+def assert_same_cache(fast, exact):
+    assert fast.lengths.tolist() == exact.lengths.tolist()
+    for a, b in zip(fast.layers, exact.layers):
+        assert torch.equal(a.pos, b.pos), a.kind
+        held = b.pos >= 0  # free slots may hold stale data that nothing reads
+        torch.testing.assert_close(a.k[held], b.k[held], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.v[held], b.v[held], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,backend", [
+    ("attn_sink", "auto"), ("block_hetero", "auto"), ("block_homo", "auto"),
+    ("attn_sink", "triton"), ("block_hetero", "triton"),
+])
+def test_fast_path_equals_exact_path(megatron_cpu, monkeypatch, case, backend):
+    """Batch of two prompt lengths beyond the window / several blocks, then 6 decode steps
+    that wrap the window ring and cross a block boundary in both sequences.
+    ``auto`` prefill on CPU: SDPA for full layers, the dense reference for sparse ones;
+    ``triton``: the training Triton kernel for every layer (registered for CUDA only, so it is
+    made available on CPU here, where the interpreter runs it)."""
+    if backend == "triton":
+        def triton_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
+            return sparse_attention(q, k, v, pattern, heads, scale, cu_seqlens=cu_seqlens)
+
+        monkeypatch.setitem(backends._BACKENDS, "triton",
+                            backends.Backend("triton", triton_attention, lambda p, d: True))
+    model = build(case)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (60, 29)]
+    exact = InferenceEngine(model, MAX_LEN, chunk_size=16, attention="exact")
+    fast = InferenceEngine(model, MAX_LEN, chunk_size=16, attention="fast", prefill_backend=backend)
+    assert fast.fast and not exact.fast
+    ref_logits, ref_cache = greedy(exact, prompts, 6)
+    logits, cache = greedy(fast, prompts, 6)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+    assert_same_cache(cache, ref_cache)
+
+
+def test_fast_prefill_chunking_does_not_change_the_result(megatron_cpu):
+    model = build("block_hetero", seed=3)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (61, 37)]
+    fast = InferenceEngine(model, MAX_LEN, attention="fast")
+    one_cache, one = fast.prefill(prompts, chunk_size=64)
+    cache, logits = fast.prefill(prompts, chunk_size=7)
+    torch.testing.assert_close(logits, one, rtol=0, atol=1e-5)
+    assert_same_cache(cache, one_cache)
+
+
+def test_fast_decode_keeps_sparse_caches_bounded(megatron_cpu):
+    model = build("attn_sink")
+    fast = InferenceEngine(model, MAX_LEN, attention="fast")
+    cache, logits = fast.prefill([[1, 2, 3]])
+    sink, window = 2, 8
+    for _ in range(20):  # several windows past the prompt
+        logits = fast.decode(cache, logits.argmax(-1))
+    for layer in cache.layers:
+        if layer.kind == "attn_sink":
+            assert layer.k.shape[2] == sink + window - 1
+            assert layer.held_positions(0, 0) == [0, 1] + list(range(23 - window + 1, 23))
+
+
+HEADS, GROUPS, DIM = 4, 2, 3
+WRITE_PATTERNS = {
+    "sink": AttnSinkPattern(sink_tokens=3, window_size=8),
+    "sink_window1": AttnSinkPattern(sink_tokens=2, window_size=1),
+    "block_hetero": BlockSparsePattern(4, 2, 3, homo_head=False, num_heads=HEADS,
+                                       num_query_groups=GROUPS),
+    "block_local1": BlockSparsePattern(4, 1, 2, homo_head=True, num_heads=HEADS,
+                                       num_query_groups=GROUPS),
+    "causal": CausalPattern(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITE_PATTERNS))
+def test_write_token_equals_layer_cache_write(name):
+    """The sync-free one-token write leaves the cache exactly as ``LayerCache.write`` does,
+    including tokens dropped at once (window 1, one local block) and full rings."""
+    pattern = WRITE_PATTERNS[name]
+    twins = [LayerCache.allocate(pattern, 2, GROUPS, HEADS // GROUPS, DIM, 100, torch.float32,
+                                 "cpu") for _ in range(2)]
+    lengths = torch.tensor([0, 5])
+    prompt = torch.arange(5).expand(2, -1)
+    k = prompt[:, None, :, None].expand(-1, GROUPS, -1, DIM).float()
+    for cache in twins:
+        cache.write(k, -k, prompt, prompt < lengths[:, None], lengths)
+    offsets = twins[0].offsets
+    for _ in range(60):
+        k = lengths[:, None, None].expand(-1, GROUPS, DIM).float() + 0.5
+        twins[0].write(k[:, :, None], -k[:, :, None], lengths[:, None],
+                       torch.ones(2, 1, dtype=torch.bool), lengths + 1)
+        write_token(twins[1], k, -k, lengths, offsets)
+        lengths = lengths + 1
+        assert torch.equal(twins[1].pos, twins[0].pos)
+        held = twins[0].pos >= 0
+        assert torch.equal(twins[1].k[held], twins[0].k[held])
+        assert torch.equal(twins[1].v[held], twins[0].v[held])
+
+
+def test_fast_path_errors_are_clear(megatron_cpu):
+    with pytest.raises(ValueError, match="attention must be"):
+        InferenceEngine(build("attn_sink"), 32, attention="quick")
+    torch.manual_seed(0)
+    odd = longgen_config("tiny", use_cpu_initialization=True, hidden_size=48, sink_tokens=2,
+                         sliding_window_size=8)  # head dim 12
+    with pytest.raises(ValueError, match="power of two"):
+        InferenceEngine(build_longgen_model(odd, VOCAB, 64).eval(), 32, attention="fast")
+    fast = InferenceEngine(build("attn_sink"), 32, attention="fast")
+    with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_length 32"):
+        fast.prefill([list(range(33))])
+    cache, logits = fast.prefill([list(range(31)), [1]])
+    logits = fast.decode(cache, logits.argmax(-1))  # the longest reaches 32
+    with pytest.raises(ValueError, match="sequence length 33 exceeds max_length 32"):
+        fast.decode(cache, logits.argmax(-1))
