@@ -197,7 +197,8 @@ class PasskeyTrainingSet:
 
     Item ``i`` is ``make_passkey_sample`` with a seed and a depth derived from ``i`` (depths
     uniform in ``depth_range``), BOS first, left-padded with EOD to length. The loss covers the
-    answer tokens only: the filler around the needle is not what the task teaches.
+    answer tokens only (the filler around the needle is not what the task teaches) unless
+    ``loss_on_filler``; ``answer_mask`` always marks the answer, for scoring.
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_length: int, num_samples: int, seed: int = 0,
