@@ -7,8 +7,11 @@
 3. Extend it to a context several times longer with a raised RoPE base, twice from the same
    weights: as a LongGen hybrid (the middle third of the layers full, the rest sink + window)
    and with every layer sparse.
+   A third extension keeps every layer full; it is scored as trained and with inference-time
+   sink + window KV eviction (the StreamingLLM-style baseline), same sink and window.
 4. Print loss and passkey accuracy at the long length, with the passkey farther back than the
-   sparse window: only layers with full attention can read it directly.
+   sparse window: only layers with full attention can read it directly. All four are scored by
+   greedy generation on the same prompts; a heatmap (depth x model) is written as PNG.
 
     python examples/quickstart.py                 # a few minutes on 2 CPU cores
     python examples/quickstart.py --device cuda
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +38,13 @@ from megatron.core.utils import unwrap_model  # noqa: E402
 
 from megatron_longgen.data.datasets import DataConfig, build_train_valid_datasets  # noqa: E402
 from megatron_longgen.data.mixture import MixtureDataset  # noqa: E402
-from megatron_longgen.data.passkey import PasskeyTrainingSet  # noqa: E402
+from megatron_longgen.data.passkey import PASSKEY_FORMATS, PasskeyTrainingSet  # noqa: E402
 from megatron_longgen.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
 from megatron_longgen.data.tokenizer import build_tokenizer, train_sentencepiece  # noqa: E402
-from megatron_longgen.eval.passkey import passkey_accuracy  # noqa: E402
+from megatron_longgen.eval import png  # noqa: E402
+from megatron_longgen.eval.passkey import passkey_accuracy_generated  # noqa: E402
+from megatron_longgen.eval.runner import EvictingEngine  # noqa: E402
+from megatron_longgen.inference.engine import InferenceEngine  # noqa: E402
 from megatron_longgen.parallel.initialize import destroy_parallel  # noqa: E402
 from megatron_longgen.training.arguments import parse_args  # noqa: E402
 from megatron_longgen.training.trainer import Trainer  # noqa: E402
@@ -63,7 +70,8 @@ def training_set(tokenizer, blend_path, seq_length, iters, batch, seed, args, va
                       eval_iters=2 if valid else 0, eval_interval=iters if valid else None)
     text_train, text_valid = build_train_valid_datasets(data, tokenizer)
     passkeys = PasskeyTrainingSet(tokenizer, seq_length, num_samples=iters * batch, seed=seed,
-                                  filler_text=filler_text())
+                                  filler_text=filler_text(), fmt=PASSKEY_FORMATS[args.passkey_format],
+                                  loss_on_filler=args.loss_on_filler)
     return MixtureDataset([text_train, passkeys], [1, args.passkey_ratio], iters * batch), text_valid
 
 
@@ -87,12 +95,16 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--passkey-ratio", type=int, default=7,
                         help="passkey items per text window in the training mixture")
+    parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
+                        help="marked: a 3-digit key between '#' marks, learnable by a tiny model")
+    parser.add_argument("--loss-on-filler", action="store_true",
+                        help="passkey items also train on their filler text, not only the answer")
     args = parser.parse_args()
     started = time.time()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    total = 5
+    total = 6
 
     step(1, total, f"tokenizer and indexed dataset from {len(CORPUS)} bundled files")
     tok_path = train_sentencepiece(CORPUS, str(work / "tokenizer"), vocab_size=512)
@@ -118,11 +130,13 @@ def main() -> None:
     long_data, long_valid = training_set(tokenizer, blend_path, args.long_length, args.extend_iters,
                                          args.batch, 2, args, valid=True)
     far = PasskeyTrainingSet(tokenizer, args.long_length, args.eval_samples, seed=99,
-                             filler_text=filler_text(), depth_range=(0.0, 0.5))
+                             filler_text=filler_text(), depth_range=(0.0, 0.5),
+                             fmt=PASSKEY_FORMATS[args.passkey_format])
     rotary_base = 10000 * args.long_length // args.short_length
     results = {}
-    for n, (name, placement) in enumerate((("LongGen hybrid (1/3 full)", "middle"),
-                                          ("every layer sparse", "none")), start=3):
+    variants = (("LongGen hybrid (1/3 full)", "middle"), ("every layer sparse", "none"),
+                ("every layer full", "all"))
+    for n, (name, placement) in enumerate(variants, start=3):
         step(n, total, f"extension to {args.long_length} tokens as {name}: sink {args.sinks} + "
                        f"window {args.window}, RoPE base {rotary_base}")
         trainer, result = run_stage(common + [
@@ -134,12 +148,17 @@ def main() -> None:
             "--eval-iters", "2", "--load", str(work / "base"), "--finetune",
             "--save", str(work / placement)], (long_data, long_valid), tokenizer.eod)
         model = unwrap_model(trainer.model[0])
-        accuracy = passkey_accuracy(model, far, range(args.eval_samples), trainer.device)
-        results[name] = {"valid_loss": result.eval_losses.get(args.extend_iters),
-                         "train_loss": result.losses[max(result.losses)], **accuracy}
+        losses = {"valid_loss": result.eval_losses.get(args.extend_iters),
+                  "train_loss": result.losses[max(result.losses)]}
+        engines = {name: InferenceEngine(model, args.long_length)}
+        if placement == "all":
+            engines[f"{name} + KV eviction"] = EvictingEngine(model, args.long_length, args.sinks, args.window)
+        for label, engine in engines.items():
+            results[label] = {**losses, **passkey_accuracy_generated(engine, far, range(args.eval_samples))}
+            print(f"{label}: passkey exact match {100 * results[label]['exact']:.1f}%", flush=True)
         destroy_parallel()
 
-    step(5, total, "results")
+    step(total, total, "results")
     min_distance = args.long_length // 2 - 40
     print(f"context {args.short_length} -> {args.long_length} tokens; passkey in the first half of "
           f"the context, at least ~{min_distance} tokens before the question (window {args.window})\n")
@@ -149,10 +168,25 @@ def main() -> None:
         loss = f"{r['valid_loss']:.3f}" if r["valid_loss"] is not None else "n/a"
         print(f"| {name} | {loss} | {100 * r['exact']:.1f}% | {100 * r['token_accuracy']:.1f}% |")
     print("\nchance: 10% per digit. Full-attention layers read any earlier token directly; the "
-          "all-sparse model must pass the passkey through its windows layer by layer.")
+          "all-sparse model and the evicted cache must pass the passkey through windows layer by layer.")
+    write_heatmap(work / "passkey_heatmap.png", far, results, args.eval_samples)
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults in {work / 'results.json'}, checkpoints in {work} "
-          f"({time.time() - started:.0f} s)")
+    print(f"\nresults in {work / 'results.json'}, heatmap in {work / 'passkey_heatmap.png'}, "
+          f"checkpoints in {work} ({time.time() - started:.0f} s)")
+
+
+def write_heatmap(path: Path, far: PasskeyTrainingSet, results: dict, samples: int, bins: int = 5) -> None:
+    """Exact match by needle depth (rows, top = start of the context) and model (columns)."""
+    lo, hi = far.depth_range
+    rows = [min(int((far.sample(i).depth - lo) / (hi - lo) * bins), bins - 1) for i in range(samples)]
+    grid = np.full((bins, len(results)), np.nan)
+    for c, r in enumerate(results.values()):
+        for b in range(bins):
+            hits = [e for row, e in zip(rows, r["per_item_exact"]) if row == b]
+            if hits:
+                grid[b, c] = sum(hits) / len(hits)
+    png.write_png(str(path), png.heatmap_image(grid))
+    print(f"\nheatmap rows: needle depth {lo}-{hi} in {bins} bins; columns: " + ", ".join(results))
 
 
 if __name__ == "__main__":  # required: checkpoint saving starts worker processes

@@ -29,6 +29,28 @@ QUESTION = "What is the pass key? The pass key is"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+@dataclass(frozen=True)
+class PasskeyFormat:
+    """How the needle and the question read and how long the key is.
+
+    The answer is ``answer_prefix + key``; the question ends where the answer begins.
+    """
+
+    needle: str = NEEDLE
+    question: str = QUESTION
+    answer_prefix: str = " "
+    digits: int = 5
+
+
+STANDARD_FORMAT = PasskeyFormat()
+# For tiny models with a byte-level vocabulary: "#" (a token of its own that text never uses)
+# opens the key in the needle and in the question, so copying the key is a one-token lookup.
+MARKED_FORMAT = PasskeyFormat(needle="The pass key is #{key}#. Remember it.",
+                              question="What is the pass key? The pass key is #",
+                              answer_prefix="", digits=3)
+PASSKEY_FORMATS = {"standard": STANDARD_FORMAT, "marked": MARKED_FORMAT}
+
+
 @dataclass
 class PasskeySample:
     text: str
@@ -67,9 +89,9 @@ def _filler_sentences(sentences: Sequence[str], offset: int, count: int) -> List
     return [sentences[(offset + i) % len(sentences)] for i in range(count)]
 
 
-def _compose(fill: Sequence[str], depth: float, needle: str) -> str:
+def _compose(fill: Sequence[str], depth: float, needle: str, question: str = QUESTION) -> str:
     at = round(depth * len(fill))
-    return " ".join(list(fill[:at]) + [needle] + list(fill[at:]) + [QUESTION])
+    return " ".join(list(fill[:at]) + [needle] + list(fill[at:]) + [question])
 
 
 def make_passkey_sample(
@@ -78,7 +100,7 @@ def make_passkey_sample(
     depth: float,
     seed: int,
     filler_text: Optional[str] = None,
-    digits: int = 5,
+    fmt: PasskeyFormat = STANDARD_FORMAT,
 ) -> PasskeySample:
     """One sample of at most `num_tokens` tokens (within a filler sentence of it).
 
@@ -88,9 +110,9 @@ def make_passkey_sample(
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(seed)
-    passkey = str(rng.randrange(10 ** (digits - 1), 10**digits))
-    needle = NEEDLE.format(key=passkey)
-    answer = " " + passkey
+    passkey = str(rng.randrange(10 ** (fmt.digits - 1), 10**fmt.digits))
+    needle = fmt.needle.format(key=passkey)
+    answer = fmt.answer_prefix + passkey
 
     sentences = split_sentences(filler_text or DEFAULT_FILLER)
     if not sentences:
@@ -99,7 +121,7 @@ def make_passkey_sample(
 
     def length(n_fill: int) -> int:
         fill = _filler_sentences(sentences, offset, n_fill)
-        return len(tokenizer.encode(_compose(fill, depth, needle) + answer))
+        return len(tokenizer.encode(_compose(fill, depth, needle, fmt.question) + answer))
 
     if length(0) > num_tokens:
         raise ValueError(f"num_tokens={num_tokens} is too small for the needle and the question")
@@ -113,7 +135,7 @@ def make_passkey_sample(
             lo = mid
         else:
             hi = mid
-    prompt = _compose(_filler_sentences(sentences, offset, lo), depth, needle)
+    prompt = _compose(_filler_sentences(sentences, offset, lo), depth, needle, fmt.question)
     return _finish(tokenizer, prompt, answer, passkey, depth)
 
 
@@ -175,13 +197,16 @@ class PasskeyTrainingSet:
 
     Item ``i`` is ``make_passkey_sample`` with a seed and a depth derived from ``i`` (depths
     uniform in ``depth_range``), BOS first, left-padded with EOD to length. The loss covers the
-    answer tokens only: the filler around the needle is not what the task teaches.
+    answer tokens only (the filler around the needle is not what the task teaches) unless
+    ``loss_on_filler``; ``answer_mask`` always marks the answer, for scoring.
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_length: int, num_samples: int, seed: int = 0,
-                 filler_text: Optional[str] = None, depth_range: Tuple[float, float] = (0.0, 1.0)):
+                 filler_text: Optional[str] = None, depth_range: Tuple[float, float] = (0.0, 1.0),
+                 fmt: PasskeyFormat = STANDARD_FORMAT, loss_on_filler: bool = False):
         self.tokenizer, self.seq_length, self.num_samples = tokenizer, seq_length, num_samples
         self.seed, self.filler_text, self.depth_range = seed, filler_text, depth_range
+        self.fmt, self.loss_on_filler = fmt, loss_on_filler
 
     def __len__(self) -> int:
         return self.num_samples
@@ -190,7 +215,7 @@ class PasskeyTrainingSet:
         rng = random.Random(self.seed * 1_000_003 + idx)
         depth = rng.uniform(*self.depth_range)
         return make_passkey_sample(self.tokenizer, self.seq_length, depth, rng.randrange(1 << 30),
-                                   self.filler_text)
+                                   self.filler_text, self.fmt)
 
     def __getitem__(self, idx: int):
         import torch
@@ -200,7 +225,10 @@ class PasskeyTrainingSet:
         pad = self.seq_length + 1 - len(ids)
         ids = torch.tensor([self.tokenizer.eod] * pad + ids)
         a, b = sample.answer_token_span
-        loss_mask = torch.zeros(self.seq_length)
-        loss_mask[pad + a: pad + b] = 1.0  # labels[j] is ids[j + 1]; +1 for the BOS
+        answer_mask = torch.zeros(self.seq_length)
+        answer_mask[pad + a: pad + b] = 1.0  # labels[j] is ids[j + 1]; +1 for the BOS
+        loss_mask = answer_mask.clone()
+        if self.loss_on_filler:
+            loss_mask[pad:] = 1.0
         return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": loss_mask,
-                "position_ids": torch.arange(self.seq_length)}
+                "answer_mask": answer_mask, "position_ids": torch.arange(self.seq_length)}

@@ -2,6 +2,8 @@ import pytest
 from data_helpers import CORPUS_DIR, tiny_tokenizer_model
 
 from megatron_longgen.data.passkey import (
+    MARKED_FORMAT,
+    PasskeyTrainingSet,
     build_passkey_pairs,
     build_passkey_samples,
     make_passkey_sample,
@@ -65,3 +67,23 @@ def test_scoring_and_grid(tok):
     assert pairs == [(g.prompt, g.answer) for g in grid]
     with pytest.raises(ValueError, match="too small"):
         make_passkey_sample(tok, 10, 0.5, seed=0)
+
+
+def test_marked_format(tok, corpus):
+    s = make_passkey_sample(tok, 300, 0.4, seed=3, filler_text=corpus, fmt=MARKED_FORMAT)
+    assert len(s.passkey) == 3 and s.answer == s.passkey
+    assert f"#{s.passkey}#" in s.prompt and s.prompt.endswith("The pass key is #")
+    assert tok.decode(s.answer_token_ids).strip() == s.passkey
+
+
+@pytest.mark.parametrize("loss_on_filler", [False, True])
+def test_training_items_mark_the_answer(tok, corpus, loss_on_filler):
+    ds = PasskeyTrainingSet(tok, 128, 4, seed=1, filler_text=corpus, fmt=MARKED_FORMAT,
+                            loss_on_filler=loss_on_filler)
+    item = ds[2]
+    answer = item["answer_mask"] > 0
+    assert tok.decode(item["labels"][answer].tolist()).strip() == ds.sample(2).passkey
+    assert bool((item["loss_mask"][answer] == 1).all())
+    # Filler counts only when asked; the EOD padding on the left never does.
+    assert (int(item["loss_mask"].sum()) > int(answer.sum())) == loss_on_filler
+    assert item["loss_mask"][0] == 0

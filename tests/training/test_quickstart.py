@@ -14,11 +14,16 @@ def test_quickstart_runs_end_to_end(tmp_path):
          "--base-iters", "5", "--extend-iters", "5", "--eval-samples", "4", "--batch", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in proc.stdout
-    assert "| LongGen hybrid (1/3 full) |" in proc.stdout
-    assert "| every layer sparse |" in proc.stdout
+    rows = ("LongGen hybrid (1/3 full)", "every layer sparse", "every layer full",
+            "every layer full + KV eviction")
+    for row in rows:
+        assert f"| {row} |" in proc.stdout
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert list(results) == list(rows)
     for r in results.values():
         assert 0.0 <= r["token_accuracy"] <= 1.0 and r["valid_loss"] > 0
+        assert len(r["per_item_exact"]) == 4
+    assert (tmp_path / "qs" / "passkey_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "qs" / "middle" / "latest_checkpointed_iteration.txt").read_text() == "5"
