@@ -26,29 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_longgen.attention.patterns import (
-    AttnSinkPattern,
-    BlockSparsePattern,
-    CausalPattern,
-    Pattern,
-)
+from megatron_longgen.attention.patterns import Pattern
+from megatron_longgen.attention.triton_kernels.kernels import _allowed
+from megatron_longgen.attention.triton_kernels.layout import pattern_params
 
 LOG2E = math.log2(math.e)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Pattern ids of the element rule (same meaning as the training kernels').
-CAUSAL, SINK, BLOCK_SPARSE = 0, 1, 2
-
-
-def pattern_rule(pattern: Pattern):
-    """(pattern id, p0, p1, p2) of the kernel's rule."""
-    if isinstance(pattern, CausalPattern):
-        return CAUSAL, 0, 0, 1
-    if isinstance(pattern, AttnSinkPattern):
-        return SINK, pattern.sink_tokens, pattern.window_size, 1
-    if isinstance(pattern, BlockSparsePattern):
-        return BLOCK_SPARSE, pattern.block_size, pattern.local_blocks, pattern.vert_stride
-    raise TypeError(f"unsupported pattern {pattern!r}")
 
 
 def _configs():
@@ -60,15 +43,8 @@ def _configs():
 
 @triton.jit
 def _readable(q_pos, k_pos, head_off, p0, p1, p2, PATTERN: tl.constexpr):
-    """``patterns.py``'s ``allowed`` for one query position, on held slots only."""
-    ok = (k_pos >= 0) & (k_pos <= q_pos)
-    if PATTERN == 1:  # sink tokens + sliding window
-        ok = ok & ((k_pos < p0) | (q_pos - k_pos < p1))
-    elif PATTERN == 2:  # block sparse: p0 block, p1 local blocks, p2 vertical stride
-        q_blk = q_pos // p0
-        k_blk = k_pos // p0
-        ok = ok & ((q_blk - k_blk < p1) | ((k_blk + head_off + 1) % p2 == 0))
-    return ok
+    """The training kernels' pattern rule for one query position, on held slots only."""
+    return (k_pos >= 0) & _allowed(q_pos, k_pos, 0, 0, head_off, p0, p1, p2, PATTERN, False)
 
 
 @triton.autotune(configs=_configs(), key=["slots_bucket", "group", "PATTERN", "FULL_SLOTS",
@@ -223,7 +199,7 @@ def decode_attention(
             raise ValueError("decode attention needs the head dim contiguous")
     group = hq // hkv
     splits = num_splits or default_num_splits(b, hkv, slots, q.device)
-    kind, p0, p1, p2 = pattern_rule(pattern)
+    kind, p0, p1, p2 = pattern_params(pattern)
     o_part = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     scale_log2 = scale * LOG2E
