@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--passkey-ratio", type=int, default=7,
                         help="passkey items per text window in the training mixture")
     parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
-                        help="marked: a 3-digit key between '#' marks, learnable by a tiny model")
+                        help="marked: a 3-digit key between '#' marks, one token per digit")
     parser.add_argument("--loss-on-filler", action="store_true",
                         help="passkey items also train on their filler text, not only the answer")
     args = parser.parse_args()
