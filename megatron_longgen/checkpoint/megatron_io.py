@@ -161,12 +161,8 @@ def all_full_attention(model):
 
 def load_single_process_model(root: str, iteration=None):
     """A checkpoint's whole model (TP = PP = 1, CPU, eval mode), rebuilt from the flags it was
-    saved with: what the generation and evaluation tools run."""
-    init_single_process("cpu")
-    record = record_for(root, iteration)
-    model = build_model(record)
-    load(model, root, iteration)
-    return model.eval()
+    saved with: what the evaluation tool runs."""
+    return load_inference_model(root, iteration)
 
 
 def load_inference_model(root: str, iteration=None, tensor_parallel: int = 1, device: str = "cpu"):
@@ -181,7 +177,10 @@ def load_inference_model(root: str, iteration=None, tensor_parallel: int = 1, de
         raise ConversionError(
             f"tensor parallel size {tensor_parallel} must divide the attention heads "
             f"({s.num_attention_heads}) and the query groups ({s.num_query_groups})")
-    initialize_parallel(tensor_model_parallel_size=tensor_parallel, device=device)
+    if tensor_parallel == 1:
+        init_single_process(device)  # keeps groups a caller already set up at TP = PP = 1
+    else:
+        initialize_parallel(tensor_model_parallel_size=tensor_parallel, device=device)
     # On CUDA the parameters are made there: NCCL loads them in place.
     model = build_model(record, use_cpu_initialization=device == "cpu")
     from megatron.core.dist_checkpointing.core import CheckpointingException
