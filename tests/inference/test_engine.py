@@ -21,9 +21,10 @@ CASES = {
 }
 
 
-def build(case, seed=0):
+def build(case, seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = longgen_config("tiny", use_cpu_initialization=True, rotary_base=50000.0, **CASES[case])
+    cfg = longgen_config("tiny", use_cpu_initialization=True, rotary_base=50000.0,
+                         **{**CASES[case], **overrides})
     assert cfg.num_query_groups < cfg.num_attention_heads  # GQA
     return build_longgen_model(cfg, VOCAB, MAX_LEN).eval()
 

@@ -12,27 +12,8 @@ from megatron_longgen.inference.engine import InferenceEngine
 from megatron_longgen.inference.fast_path import write_token
 from megatron_longgen.inference.kv_cache import LayerCache
 from megatron_longgen.models.gpt import build_longgen_model
-from megatron_longgen.models.presets import get_preset, longgen_config
-
-VOCAB = get_preset("tiny").vocab_size
-MAX_LEN = 128
-
-CASES = {
-    # Window 8 and blocks of 16: prompts of 21-50 tokens exceed the window and several blocks.
-    "attn_sink": dict(sparse_attention="attn_sink", sink_tokens=2, sliding_window_size=8),
-    "block_hetero": dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1,
-                         vert_stride=2, homo_head=False),
-    "block_homo": dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=2,
-                       vert_stride=3, homo_head=True),
-}
-
-
-def build(case, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = longgen_config("tiny", use_cpu_initialization=True, rotary_base=50000.0,
-                         **{**CASES[case], **overrides})
-    assert cfg.num_query_groups < cfg.num_attention_heads  # GQA
-    return build_longgen_model(cfg, VOCAB, MAX_LEN).eval()
+from megatron_longgen.models.presets import longgen_config
+from test_engine import CASES, MAX_LEN, VOCAB, build  # the exact path's models and patterns
 
 
 def greedy(engine, prompts, steps, chunk_size=None):
