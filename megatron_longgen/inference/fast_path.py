@@ -33,7 +33,13 @@ from megatron_longgen.inference.kv_cache import (
     LayerCache,
     SinkSlots,
 )
-from megatron_longgen.inference.layer_ops import finish_layer, output_logits, project_qkv, run_layer
+from megatron_longgen.inference.layer_ops import (
+    finish_layer,
+    norm,
+    output_logits,
+    project_qkv,
+    run_layer,
+)
 
 # Prefill backends of ``auto`` on CUDA. The forward of our Triton kernel is as fast as Flex's
 # for AttnSink and 2.5x faster for BlockSparse (docs/benchmarks.md), and needs no compilation
@@ -100,10 +106,9 @@ def _prefill_layer(engine, layer, lc: LayerCache, x, freqs, positions, valid, le
     else:
         k_all, v_all = x.new_empty(batch, groups, longest, d), x.new_empty(batch, groups, longest, d)
     for s, e in spans:
-        q, k, v = project_qkv(attn, layer.input_layernorm(x[s:e]), freqs[:, :, s:e],
-                              engine.config.rotary_interleaved)
-        q_all[:, :, s:e], k_all[:, :, s:e], v_all[:, :, s:e] = q, k, v
-        del q, k, v
+        project_qkv(attn, norm(layer.input_layernorm, x[s:e], fused=True), freqs[:, :, s:e],
+                    engine.config.rotary_interleaved, fused=True,
+                    out=(q_all[:, :, s:e], k_all[:, :, s:e], v_all[:, :, s:e]))
     backend = prefill_backend(engine.prefill_backend, core.pattern, x.device)
     out = backend.fn(q_all, k_all, v_all, pattern=core.pattern, heads=core.global_heads,
                      scale=core.softmax_scale, cu_seqlens=None)  # [b, heads, L, d]
@@ -115,7 +120,7 @@ def _prefill_layer(engine, layer, lc: LayerCache, x, freqs, positions, valid, le
     del k_all, v_all
     for s, e in spans:
         attn_out = out[:, :, s:e].permute(2, 0, 1, 3).reshape(e - s, batch, heads * d)
-        x[s:e] = finish_layer(layer, x[s:e], attn_out)
+        x[s:e] = finish_layer(layer, x[s:e], attn_out, fused=True)
 
 
 # ---- decode ----
@@ -173,14 +178,14 @@ class DecodeStep:
             def attend(attn, h, lc=lc, offsets=offsets, head_offsets=head_offsets):
                 return self._attend(attn, h, lc, offsets, head_offsets, pos, freqs)
 
-            x = run_layer(layer, x, attend)
+            x = run_layer(layer, x, attend, fused=True)
         logits = output_logits(model, x)
         cache.lengths.add_(1)  # in place: a captured graph keeps reading this tensor
         return logits[0].float()
 
     def _attend(self, attn, h, lc, offsets, head_offsets, pos, freqs):
         core = attn.core_attention
-        q, k, v = project_qkv(attn, h, freqs, self.engine.config.rotary_interleaved)
+        q, k, v = project_qkv(attn, h, freqs, self.engine.config.rotary_interleaved, fused=True)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, heads, d]
         out = decode_attention(q, k, v, lc.k, lc.v, lc.pos, pos, core.pattern, head_offsets,
                                core.softmax_scale, isinstance(lc.layout, FullSlots),

@@ -1,22 +1,44 @@
 """The pieces of a Megatron transformer layer that every inference path shares.
 
 Only attention differs between the exact path and the fast one; the projections, norms, MLP
-and residuals are the model's own modules, run here in the layer's order.
+and residuals are the model's own modules, run here in the layer's order. With ``fused=True``
+(the fast path) the norms, RoPE with the head split, and SwiGLU run as the single-pass Triton
+kernels of ``fused_ops`` wherever those compute exactly what the module does.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_longgen.inference import fused_ops
 
-def project_qkv(attn, x: torch.Tensor, freqs: torch.Tensor,
-                rotary_interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+QKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def norm(module, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    return fused_ops.rms_norm(module, x) if fused and fused_ops.fusable_norm(module) else module(x)
+
+
+def project_qkv(attn, x: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool,
+                fused: bool = False, out: Optional[QKV] = None) -> QKV:
     """q [b, heads, s, d], k/v [b, groups, s, d] of a SelfAttention for normed input x
-    [s, b, hidden], RoPE applied with ``freqs`` (broadcastable to [b, 1, s, d], float32)."""
+    [s, b, hidden], RoPE applied with ``freqs`` (broadcastable to [b, 1, s, d], float32).
+    ``out``: tensors of those shapes to write them into."""
+    if fused and fused_ops.fusable_qkv(attn, freqs):
+        return fused_ops.qkv_rope(attn, x, freqs, rotary_interleaved, out)
+    q, k, v = _project_qkv(attn, x, freqs, rotary_interleaved)
+    if out is None:
+        return q, k, v
+    for dst, src in zip(out, (q, k, v)):
+        dst.copy_(src)
+    return out
+
+
+def _project_qkv(attn, x, freqs, rotary_interleaved) -> QKV:
     groups = attn.num_query_groups_per_partition
     per_group = attn.num_attention_heads_per_partition // groups
     d = attn.hidden_size_per_attention_head
@@ -38,18 +60,22 @@ def project_qkv(attn, x: torch.Tensor, freqs: torch.Tensor,
     return q, k, v
 
 
-def run_layer(layer, x: torch.Tensor, attend: Callable[[object, torch.Tensor], torch.Tensor]):
+def run_layer(layer, x: torch.Tensor, attend: Callable[[object, torch.Tensor], torch.Tensor],
+              fused: bool = False):
     """One pre-norm layer: ``attend(self_attention, normed x)`` returns the attention output
     [s, b, heads * d] before the output projection."""
-    return finish_layer(layer, x, attend(layer.self_attention, layer.input_layernorm(x)))
+    h = norm(layer.input_layernorm, x, fused)
+    return finish_layer(layer, x, attend(layer.self_attention, h), fused)
 
 
-def finish_layer(layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def finish_layer(layer, x: torch.Tensor, attn_out: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """The rest of a layer once its attention output [s, b, heads * d] for input x is known:
     output projection, residual, MLP, residual."""
     out, bias = layer.self_attention.linear_proj(attn_out)
     x = x + (out if bias is None else out + bias)
-    out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
+    h = norm(layer.pre_mlp_layernorm, x, fused)
+    mlp = layer.mlp
+    out, bias = fused_ops.swiglu_mlp(mlp, h) if fused and fused_ops.fusable_mlp(mlp) else mlp(h)
     return x + (out if bias is None else out + bias)
 
 
