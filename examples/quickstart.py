@@ -2,8 +2,9 @@
 
 1. Train a small sentencepiece tokenizer on the bundled text and preprocess that text into a
    Megatron indexed dataset.
-2. Train a tiny Llama-style model at short context (every layer full attention) on that text
-   mixed with passkey-retrieval documents.
+2. Train a tiny Llama-style model at short context (every layer full attention, or with
+   --base-placement middle the hybrid's layout) on that text mixed with passkey-retrieval
+   documents (a one-digit key after a "#" mark).
 3. Extend it to a context several times longer with a raised RoPE base, twice from the same
    weights: as a LongGen hybrid (the middle third of the layers full, the rest sink + window)
    and with every layer sparse.
@@ -14,6 +15,7 @@
    greedy generation on the same prompts; a heatmap (depth x model) is written as PNG.
 
     python examples/quickstart.py                 # a few minutes on 2 CPU cores
+    python examples/quickstart.py --models hybrid sparse --base-iters 600 --passkey-ratio 50
     python examples/quickstart.py --device cuda
 """
 
@@ -50,6 +52,9 @@ from megatron_longgen.training.arguments import parse_args  # noqa: E402
 from megatron_longgen.training.trainer import Trainer  # noqa: E402
 
 CORPUS = sorted(glob.glob(str(REPO / "examples" / "data" / "*.txt")) + glob.glob(str(REPO / "examples" / "data" / "*.jsonl")))
+# --models: the extensions, each (row name, --full-attention-placement).
+VARIANTS = {"hybrid": ("LongGen hybrid (1/3 full)", "middle"), "sparse": ("every layer sparse", "none"),
+            "full": ("every layer full", "all")}
 MODEL_FLAGS = ["--model", "tiny", "--hidden-size", "128", "--num-attention-heads", "4",
                "--num-query-groups", "2", "--ffn-hidden-size", "352"]
 
@@ -96,7 +101,12 @@ def main() -> None:
     parser.add_argument("--passkey-ratio", type=int, default=7,
                         help="passkey items per text window in the training mixture")
     parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
-                        help="marked: a 3-digit key between '#' marks, one token per digit")
+                        help="marked: a one-digit key after a '#' mark (one token to retrieve)")
+    parser.add_argument("--base-placement", default="all", choices=("all", "middle"),
+                        help="full-attention layers of the short-context stage: all (a full-attention "
+                             "base, as in the paper) or middle (the hybrid's layout from the start)")
+    parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which extensions to train and score (full: also with KV eviction)")
     parser.add_argument("--loss-on-filler", action="store_true",
                         help="passkey items also train on their filler text, not only the answer")
     args = parser.parse_args()
@@ -104,7 +114,7 @@ def main() -> None:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    total = 6
+    total = 3 + len(args.models)
 
     step(1, total, f"tokenizer and indexed dataset from {len(CORPUS)} bundled files")
     tok_path = train_sentencepiece(CORPUS, str(work / "tokenizer"), vocab_size=512)
@@ -118,13 +128,15 @@ def main() -> None:
     common = MODEL_FLAGS + vocab + ["--device", args.device, "--micro-batch-size", str(args.batch),
                                     "--global-batch-size", str(args.batch), "--log-interval", "25"]
 
-    step(2, total, f"short-context training at {args.short_length} tokens, every layer full")
+    base_layout = {"all": "every layer full", "middle": "LongGen hybrid layout"}[args.base_placement]
+    step(2, total, f"short-context training at {args.short_length} tokens, {base_layout}")
     base_data, _ = training_set(tokenizer, blend_path, args.short_length, args.base_iters, args.batch, 1, args)
     run_stage(common + [
         "--seq-length", str(args.short_length), "--train-iters", str(args.base_iters),
         "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", str(min(10, args.base_iters // 5)),
-        "--full-attention-placement", "all", "--rotary-base", "10000",
-        "--save", str(work / "base")], (base_data, None), tokenizer.eod)
+        "--full-attention-placement", args.base_placement, "--sparse-attention", "attn_sink",
+        "--sink-tokens", str(args.sinks), "--sliding-window-size", str(args.window),
+        "--rotary-base", "10000", "--save", str(work / "base")], (base_data, None), tokenizer.eod)
     destroy_parallel()
 
     long_data, long_valid = training_set(tokenizer, blend_path, args.long_length, args.extend_iters,
@@ -134,8 +146,7 @@ def main() -> None:
                              fmt=PASSKEY_FORMATS[args.passkey_format])
     rotary_base = 10000 * args.long_length // args.short_length
     results = {}
-    variants = (("LongGen hybrid (1/3 full)", "middle"), ("every layer sparse", "none"),
-                ("every layer full", "all"))
+    variants = [VARIANTS[m] for m in args.models]
     for n, (name, placement) in enumerate(variants, start=3):
         step(n, total, f"extension to {args.long_length} tokens as {name}: sink {args.sinks} + "
                        f"window {args.window}, RoPE base {rotary_base}")
@@ -167,7 +178,7 @@ def main() -> None:
     for name, r in results.items():
         loss = f"{r['valid_loss']:.3f}" if r["valid_loss"] is not None else "n/a"
         print(f"| {name} | {loss} | {100 * r['exact']:.1f}% | {100 * r['token_accuracy']:.1f}% |")
-    print("\nchance: 10% per digit. Full-attention layers read any earlier token directly; the "
+    print("\nchance: 1 in 9 for the marked one-digit key, 10% per digit otherwise. Full-attention layers read any earlier token directly; the "
           "all-sparse model and the evicted cache must pass the passkey through windows layer by layer.")
     write_heatmap(work / "passkey_heatmap.png", far, results, args.eval_samples)
     (work / "results.json").write_text(json.dumps(results, indent=2))

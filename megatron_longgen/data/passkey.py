@@ -43,11 +43,13 @@ class PasskeyFormat:
 
 
 STANDARD_FORMAT = PasskeyFormat()
-# For tiny models with a byte-level vocabulary: "#" (a token of its own that text never uses)
-# opens the key in the needle and in the question, so copying the key is a one-token lookup.
-MARKED_FORMAT = PasskeyFormat(needle="The pass key is #{key}#. Remember it.",
+# For tiny models with a byte-level vocabulary: a one-digit key after "#" (a token of its own
+# that the filler never uses), repeated by the question: retrieving it is a one-token lookup
+# by content, which a tiny model learns within a CPU budget (a 3-digit key, which needs an
+# induction circuit per digit, was not learned in several hundred steps).
+MARKED_FORMAT = PasskeyFormat(needle="The pass key is #{key}. Remember it.",
                               question="What is the pass key? The pass key is #",
-                              answer_prefix="", digits=3)
+                              answer_prefix="", digits=1)
 PASSKEY_FORMATS = {"standard": STANDARD_FORMAT, "marked": MARKED_FORMAT}
 
 

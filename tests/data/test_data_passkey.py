@@ -71,8 +71,9 @@ def test_scoring_and_grid(tok):
 
 def test_marked_format(tok, corpus):
     s = make_passkey_sample(tok, 300, 0.4, seed=3, filler_text=corpus, fmt=MARKED_FORMAT)
-    assert len(s.passkey) == 3 and s.answer == s.passkey
-    assert f"#{s.passkey}#" in s.prompt and s.prompt.endswith("The pass key is #")
+    assert len(s.passkey) == 1 and s.answer == s.passkey
+    assert f"#{s.passkey}." in s.prompt and s.prompt.endswith("The pass key is #")
+    assert s.prompt.count("#") == 2 and len(s.answer_token_ids) == 1
     assert tok.decode(s.answer_token_ids).strip() == s.passkey
 
 

@@ -27,3 +27,16 @@ def test_quickstart_runs_end_to_end(tmp_path):
         assert len(r["per_item_exact"]) == 4
     assert (tmp_path / "qs" / "passkey_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "qs" / "middle" / "latest_checkpointed_iteration.txt").read_text() == "5"
+
+
+def test_quickstart_runs_a_subset_of_the_models(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--workdir", str(tmp_path / "qs"),
+         "--base-iters", "3", "--extend-iters", "3", "--eval-samples", "2", "--batch", "2",
+         "--models", "sparse", "--base-placement", "middle"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[4/4] results" in proc.stdout and "LongGen hybrid layout" in proc.stdout
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert list(results) == ["every layer sparse"]
+    assert not (tmp_path / "qs" / "middle").exists()
