@@ -178,8 +178,9 @@ def main() -> None:
     for name, r in results.items():
         loss = f"{r['valid_loss']:.3f}" if r["valid_loss"] is not None else "n/a"
         print(f"| {name} | {loss} | {100 * r['exact']:.1f}% | {100 * r['token_accuracy']:.1f}% |")
-    print("\nchance: 1 in 9 for the marked one-digit key, 10% per digit otherwise. Full-attention layers read any earlier token directly; the "
-          "all-sparse model and the evicted cache must pass the passkey through windows layer by layer.")
+    print("\nchance: 1 in 9 for the marked one-digit key, 10% per digit otherwise. Full-attention "
+          "layers read any earlier token directly; the all-sparse model and the evicted cache must "
+          "pass the passkey through windows layer by layer.")
     write_heatmap(work / "passkey_heatmap.png", far, results, args.eval_samples)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nresults in {work / 'results.json'}, heatmap in {work / 'passkey_heatmap.png'}, "

@@ -124,9 +124,8 @@ def qkv_rope(attn, h: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: boo
                qkv.new_empty(b, groups, s, d))
     q, k, v = out
     assert all(t.stride(-1) == 1 for t in out), "outputs need unit stride over the head dim"
-    # freqs [B?, 1, S?, d] -> strides over s and b (0 where broadcast).
+    # freqs [B or 1, 1, S or 1, d] -> strides over s and b (0 where broadcast).
     f = freqs.to(torch.float32)
-    f = f.expand(f.shape[0], 1, f.shape[2], d)
     stride_fb = f.stride(0) if f.shape[0] > 1 else 0
     stride_fs = f.stride(2) if f.shape[2] > 1 else 0
     block_t = 16
