@@ -2,20 +2,20 @@
 
 1. Train a small sentencepiece tokenizer on the bundled text and preprocess that text into a
    Megatron indexed dataset.
-2. Train a tiny Llama-style model at short context (every layer full attention, or with
-   --base-placement middle the hybrid's layout) on that text mixed with passkey-retrieval
-   documents (a one-digit key after a "#" mark).
-3. Extend it to a context several times longer with a raised RoPE base, twice from the same
+2. Train a tiny Llama-style model at short context (in the hybrid's layout; --base-placement
+   all: every layer full, like a pretrained full-attention model) on that text mixed with
+   passkey-retrieval documents (a one-digit key after a "#" mark).
+3. Extend it to a longer context (twice by default) with a raised RoPE base, from the same
    weights: as a LongGen hybrid (the middle third of the layers full, the rest sink + window)
-   and with every layer sparse.
-   A third extension keeps every layer full; it is scored as trained and with inference-time
-   sink + window KV eviction (the StreamingLLM-style baseline), same sink and window.
+   and with every layer sparse. A third extension keeps every layer full; it is scored as
+   trained and with inference-time sink + window KV eviction (StreamingLLM: the prompt streams
+   through the evicting cache), same sink and window.
 4. Print loss and passkey accuracy at the long length, with the passkey farther back than the
    sparse window: only layers with full attention can read it directly. All four are scored by
    greedy generation on the same prompts; a heatmap (depth x model) is written as PNG.
 
-    python examples/quickstart.py                 # a few minutes on 2 CPU cores
-    python examples/quickstart.py --models hybrid sparse --base-iters 600 --passkey-ratio 50
+    python examples/quickstart.py                 # about 11 minutes on 2 CPU cores
+    python examples/quickstart.py --models hybrid sparse --seed 1
     python examples/quickstart.py --device cuda
 """
 
@@ -91,22 +91,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workdir", default=str(REPO / "runs" / "quickstart"))
     parser.add_argument("--short-length", type=int, default=64)
-    parser.add_argument("--long-length", type=int, default=256)
+    parser.add_argument("--long-length", type=int, default=128)
     parser.add_argument("--window", type=int, default=16, help="sliding window of the sparse layers")
     parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--base-iters", type=int, default=300)
-    parser.add_argument("--extend-iters", type=int, default=100)
+    parser.add_argument("--base-iters", type=int, default=1000)
+    parser.add_argument("--extend-iters", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=64)
-    parser.add_argument("--passkey-ratio", type=int, default=7,
+    parser.add_argument("--passkey-ratio", type=int, default=50,
                         help="passkey items per text window in the training mixture")
     parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
                         help="marked: a one-digit key after a '#' mark (one token to retrieve)")
-    parser.add_argument("--base-placement", default="all", choices=("all", "middle"),
+    parser.add_argument("--base-placement", default="middle", choices=("all", "middle"),
                         help="full-attention layers of the short-context stage: all (a full-attention "
                              "base, as in the paper) or middle (the hybrid's layout from the start)")
     parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which extensions to train and score (full: also with KV eviction)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="shifts every training random stream (initialisation, data order, passkey "
+                             "items); the evaluation prompts stay the same")
     parser.add_argument("--loss-on-filler", action="store_true",
                         help="passkey items also train on their filler text, not only the answer")
     args = parser.parse_args()
@@ -126,11 +129,13 @@ def main() -> None:
     blend_path = str(work / "corpus_blend.json")
     vocab = ["--vocab-size", str(tokenizer.vocab_size)]
     common = MODEL_FLAGS + vocab + ["--device", args.device, "--micro-batch-size", str(args.batch),
-                                    "--global-batch-size", str(args.batch), "--log-interval", "25"]
+                                    "--global-batch-size", str(args.batch), "--log-interval", "25",
+                                    "--seed", str(1234 + args.seed)]
 
     base_layout = {"all": "every layer full", "middle": "LongGen hybrid layout"}[args.base_placement]
     step(2, total, f"short-context training at {args.short_length} tokens, {base_layout}")
-    base_data, _ = training_set(tokenizer, blend_path, args.short_length, args.base_iters, args.batch, 1, args)
+    base_data, _ = training_set(tokenizer, blend_path, args.short_length, args.base_iters, args.batch,
+                                1 + args.seed, args)
     run_stage(common + [
         "--seq-length", str(args.short_length), "--train-iters", str(args.base_iters),
         "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", str(min(10, args.base_iters // 5)),
@@ -140,7 +145,7 @@ def main() -> None:
     destroy_parallel()
 
     long_data, long_valid = training_set(tokenizer, blend_path, args.long_length, args.extend_iters,
-                                         args.batch, 2, args, valid=True)
+                                         args.batch, 2 + args.seed, args, valid=True)
     far = PasskeyTrainingSet(tokenizer, args.long_length, args.eval_samples, seed=99,
                              filler_text=filler_text(), depth_range=(0.0, 0.5),
                              fmt=PASSKEY_FORMATS[args.passkey_format])

@@ -9,7 +9,8 @@ Example (one process, TP = PP = 1):
         --depths 0,0.25,0.5,0.75,1 --samples-per-cell 4 --output-dir eval/longgen
 
 The KV-eviction baseline on a full-attention model: add ``--all-full`` (every layer causal)
-and ``--evict-sink 4 --evict-window 1024``. Perplexity by position: ``--ppl-text file.txt``
+and ``--evict-sink 4 --evict-window 1024`` (StreamingLLM: the prompt streams through the
+sink + window cache; ``--evict-after-prefill`` evicts only after a full prefill). Perplexity by position: ``--ppl-text file.txt``
 (repeatable) with ``--ppl-seq-length`` and ``--ppl-bucket``.
 """
 
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
     p.add_argument("--all-full", action="store_true", help="run every layer with full attention")
     p.add_argument("--evict-sink", type=int, default=None,
-                   help="KV-eviction baseline: sink tokens kept at decode (with --evict-window)")
+                   help="KV-eviction baseline: sink tokens the full-attention layers keep (with "
+                        "--evict-window); the prompt streams through that cache (StreamingLLM)")
     p.add_argument("--evict-window", type=int, default=None)
+    p.add_argument("--evict-after-prefill", action="store_true",
+                   help="with --evict-sink: prefill with full attention and evict for decode only")
     p.add_argument("--ppl-text", action="append", default=None, help="held-out text file")
     p.add_argument("--ppl-seq-length", type=int, default=None, help="default: the longest length")
     p.add_argument("--ppl-bucket", type=int, default=256)
@@ -68,6 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if (args.evict_sink is None) != (args.evict_window is None):
         raise SystemExit("--evict-sink and --evict-window go together")
+    if args.evict_after_prefill and args.evict_sink is None:
+        raise SystemExit("--evict-after-prefill needs --evict-sink and --evict-window")
     tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
     model = load_single_process_model(args.load, args.iteration)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
@@ -82,7 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with all_full_attention(model) if args.all_full else contextlib.nullcontext():
         if args.evict_sink is not None:
             engine = runner.EvictingEngine(model, longest, args.evict_sink, args.evict_window,
-                                           chunk_size=args.chunk_size)
+                                           chunk_size=args.chunk_size,
+                                           streaming=not args.evict_after_prefill)
         else:
             engine = InferenceEngine(model, longest, chunk_size=args.chunk_size)
         results = runner.run_items(engine, tokenizer, items, args.batch_size,
@@ -96,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     config = {k: v for k, v in vars(args).items()}
     title = "Long-context evaluation" + (" (all-full)" if args.all_full else "") + (
-        f" (sink {args.evict_sink} + window {args.evict_window} eviction)"
+        f" (sink {args.evict_sink} + window {args.evict_window} eviction"
+        f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'})"
         if args.evict_sink is not None else "")
     paths = runner.write_report(args.output_dir, results, ppl, config, title)
     with open(paths["markdown"], encoding="utf-8") as f:

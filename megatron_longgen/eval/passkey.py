@@ -38,9 +38,9 @@ def passkey_accuracy(model, dataset, indices: Sequence[int], device, batch_size:
 def passkey_accuracy_generated(engine, dataset, indices: Sequence[int], batch_size: int = 16) -> Dict[str, float]:
     """The same items answered by greedy generation through an inference engine.
 
-    Unlike the teacher-forced pass, this runs any cache policy the engine applies after the
-    prefill (``EvictingEngine``: sink + window eviction), so trained sparse models and an
-    all-full model with inference-time eviction are scored on identical prompts.
+    Unlike the teacher-forced pass, this runs the engine's cache policy (``EvictingEngine``:
+    sink + window eviction), so trained sparse models and an all-full model with
+    inference-time eviction are scored on identical prompts.
     """
     from megatron_longgen.inference.generate import SamplingConfig, generate
 

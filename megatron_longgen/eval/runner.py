@@ -3,10 +3,11 @@
 Generation is greedy and batched through the inference engine (chunked prefill, pattern-sized
 cache). Items are sorted by prompt length before batching so a batch pads little.
 
-The KV-eviction baseline (``eviction=(sink, window)``) runs an unchanged model but, after the
-prefill, lets every full-attention layer read only the first ``sink`` tokens and the last
-``window`` ones at decode: StreamingLLM-style cache dropping without training, the
-comparison the LongGen paper draws against.
+The KV-eviction baseline (``EvictingEngine``) runs an unchanged model whose full-attention
+layers read only the first ``sink`` tokens and the last ``window`` ones: StreamingLLM-style
+cache dropping without training (the prompt streamed through that cache, or, with
+``streaming=False``, a full prefill and eviction at decode), the comparison the LongGen paper
+draws against.
 
 Outputs (``write_report``): ``report.json`` (every item and the aggregates),
 ``summary.md`` (tables per task, per length and the depth x length grid) and PNG plots:
@@ -49,14 +50,32 @@ class ItemResult:
 
 
 class EvictingEngine(InferenceEngine):
-    """The engine with sink + window eviction on full-attention layers after the prefill."""
+    """Sink + window KV eviction on the full-attention layers of an unchanged model.
 
-    def __init__(self, model, max_length: int, sink: int, window: int, chunk_size: int = 512):
-        super().__init__(model, max_length, chunk_size)
+    ``streaming=True`` (StreamingLLM): the prompt streams through caches that hold the first
+    ``sink`` and the last ``window`` tokens, so every token, the prompt's too, reads only those
+    and the caches are sink + window sized. ``streaming=False``: a full-attention prefill (the
+    prompt's last token, and so the first answer token, still sees everything), then the
+    caches are cut to sink + window for decode: the timing of SnapKV/PyramidKV-style
+    compression. Runs the exact attention path: the fast path reads the model's patterns.
+    """
+
+    def __init__(self, model, max_length: int, sink: int, window: int, chunk_size: int = 512,
+                 streaming: bool = True):
+        super().__init__(model, max_length, chunk_size, attention="exact")
         self.eviction = AttnSinkPattern(sink_tokens=sink, window_size=window)
+        self.streaming = streaming
+
+    def cache_patterns(self) -> list:
+        patterns = super().cache_patterns()
+        if not self.streaming:
+            return patterns
+        return [self.eviction if p.name == "causal" else p for p in patterns]
 
     def prefill(self, prompts, chunk_size: int = None):
         cache, logits = super().prefill(prompts, chunk_size)
+        if self.streaming:
+            return cache, logits
         for lc in cache.layers:
             if lc.kind == "causal":
                 # Masks are rebuilt from the layer's pattern at every decode step, so swapping

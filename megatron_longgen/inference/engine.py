@@ -67,11 +67,15 @@ class InferenceEngine:
 
     # ---- cache ----
 
+    def cache_patterns(self) -> list:
+        """The pattern each layer's cache is sized and masked by: the model's own."""
+        return [layer.self_attention.core_attention.pattern for layer in self.layers]
+
     def new_cache(self, batch: int) -> KVCache:
         attn = [layer.self_attention for layer in self.layers]
         a = attn[0]
         return KVCache.allocate(
-            [x.core_attention.pattern for x in attn], batch, a.num_query_groups_per_partition,
+            self.cache_patterns(), batch, a.num_query_groups_per_partition,
             a.num_attention_heads_per_partition, a.hidden_size_per_attention_head,
             self.max_length, self.param.dtype, self.param.device,
             first_heads=[int(x.core_attention.global_heads[0]) for x in attn])

@@ -76,19 +76,51 @@ def test_runner_writes_report_and_heatmap(megatron_cpu, tokenizer, tmp_path):
     assert read_png(paths["ppl"]) == (480, 240)
 
 
-def test_sink_window_eviction_baseline(megatron_cpu):
+def test_sink_window_eviction_after_prefill(megatron_cpu):
     model = tiny_model()
     prompts = [list(range(5, 105)), list(range(7, 67))]
     cfg = SamplingConfig(max_new_tokens=6)
     with all_full_attention(model):
         full = InferenceEngine(model, 128)
         # A window covering everything evicts nothing: the same greedy tokens.
-        wide = runner.EvictingEngine(model, 128, sink=4, window=128)
+        wide = runner.EvictingEngine(model, 128, sink=4, window=128, streaming=False)
         assert generate(wide, prompts, cfg) == generate(full, prompts, cfg)
         # A small window: after the prefill a full layer keeps only sink + window positions.
-        narrow = runner.EvictingEngine(model, 128, sink=4, window=16)
-        cache, _ = narrow.prefill(prompts)
+        narrow = runner.EvictingEngine(model, 128, sink=4, window=16, streaming=False)
+        cache, logits = narrow.prefill(prompts)
         for lc in cache.layers:
             held = lc.held_positions(0, 0)
             assert held == list(range(4)) + list(range(100 - 15, 100))
+        # The prefill itself was full: the first answer token is the full model's.
+        torch.testing.assert_close(logits, full.prefill(prompts)[1])
         assert generate(narrow, prompts, cfg) != generate(full, prompts, cfg)
+
+
+def test_streaming_eviction_matches_the_model_run_with_sink_window_masks(megatron_cpu):
+    """StreamingLLM: every prompt token reads only sink + window, from sink + window sized
+    caches; the reference is the model's own forward with that pattern in every layer."""
+    from megatron_longgen.attention.core_attention import LongGenCoreAttention
+    from megatron_longgen.attention.patterns import AttnSinkPattern
+
+    model = tiny_model()
+    tokens = torch.arange(5, 105).remainder(VOCAB).view(1, -1)
+    with all_full_attention(model):
+        engine = runner.EvictingEngine(model, 128, sink=4, window=16, chunk_size=32)
+        cache, logits = engine.prefill(tokens)
+        assert {lc.kind for lc in cache.layers} == {"attn_sink"}
+        # sink + window - 1 slots: the next query is itself the window's newest token.
+        assert all(lc.k.shape[2] == 4 + 15 for lc in cache.layers)
+        full_logits = InferenceEngine(model, 128).prefill(tokens)[1]
+    cores = [m for m in model.modules() if isinstance(m, LongGenCoreAttention)]
+    saved = [(c, c.pattern) for c in cores]
+    try:
+        for c in cores:
+            c.pattern, c._backend_cache = AttnSinkPattern(sink_tokens=4, window_size=16), {}
+        with torch.no_grad():
+            position_ids = torch.arange(tokens.shape[1]).view(1, -1)
+            reference = model(tokens, position_ids, None)[0, -1].float()
+    finally:
+        for c, pattern in saved:
+            c.pattern, c._backend_cache = pattern, {}
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, full_logits, atol=1e-3)  # the window did cut something
