@@ -2,20 +2,26 @@
 """Long-context evaluation of a LongGen Megatron checkpoint: synthetic retrieval tasks and
 perplexity by position, written as report.json, summary.md and PNG plots.
 
-Example (one process, TP = PP = 1):
+Example (one process, TP = PP = 1; ``--load`` may also be an HF export or Llama folder):
 
     python tools/evaluate.py --load ckpt/longgen-tiny --tokenizer-model tok.model \\
         --tasks passkey,niah,variable_tracking --lengths 1024,2048,4096 \\
         --depths 0,0.25,0.5,0.75,1 --samples-per-cell 4 --output-dir eval/longgen
 
+Tensor parallel over the GPUs of one node (rank 0 writes the report):
+
+    torchrun --nproc-per-node 8 tools/evaluate.py --device cuda --tensor-model-parallel-size 8 ...
+
 The KV-eviction baseline on a full-attention model: add ``--all-full`` (every layer causal)
 and ``--evict-sink 4 --evict-window 1024`` (StreamingLLM: the prompt streams through the
-sink + window cache; ``--evict-after-prefill`` evicts only after a full prefill). Perplexity by position: ``--ppl-text file.txt``
-(repeatable) with ``--ppl-seq-length`` and ``--ppl-bucket``.
+sink + window cache; ``--evict-after-prefill`` evicts only after a full prefill).
+Perplexity by position: ``--ppl-text file.txt`` (repeatable) with ``--ppl-seq-length`` and
+``--ppl-bucket``.
 """
 
 import argparse
 import contextlib
+import os
 import sys
 from typing import List, Optional
 
@@ -33,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint root or an iter_* directory")
+    p.add_argument("--load", required=True,
+                   help="Megatron checkpoint root or iter_* directory, or an HF folder (config.json: "
+                        "a LongGen export keeps its hybrid layout, a plain Llama runs all full)")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--tokenizer-type", default=None)
@@ -58,24 +66,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-seq-length", type=int, default=None, help="default: the longest length")
     p.add_argument("--ppl-bucket", type=int, default=256)
     p.add_argument("--ppl-max-windows", type=int, default=64)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="split heads/MLP/vocabulary over this many ranks (torchrun, one node; "
+                        "Megatron checkpoints)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def load_model(args):
+    """This rank's model: an HF folder in memory (TP = 1), or a Megatron checkpoint resharded to
+    ``--tensor-model-parallel-size``."""
+    from megatron_longgen.checkpoint import ConversionError, load_hf_as_megatron
+    from megatron_longgen.checkpoint.megatron_io import load_inference_model
+
+    tp = args.tensor_model_parallel_size
+    try:
+        if os.path.isfile(os.path.join(args.load, "config.json")):
+            if tp != 1:
+                raise SystemExit("HF folders are evaluated in one process; for tensor parallelism "
+                                 "convert first (tools/convert_hf_to_megatron.py)")
+            return load_hf_as_megatron(args.load, "fp32" if args.device == "cpu" else "bf16",
+                                       args.device)
+        return load_inference_model(args.load, args.iteration, tp, args.device)
+    except ConversionError as err:
+        raise SystemExit(f"cannot load {args.load}: {err}") from err
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_longgen.checkpoint.megatron_io import all_full_attention, load_single_process_model
+    from megatron_longgen.checkpoint.megatron_io import all_full_attention
     from megatron_longgen.data.tokenizer import build_tokenizer
     from megatron_longgen.eval import runner
     from megatron_longgen.eval.tasks import build_items, load_haystack
     from megatron_longgen.inference.engine import InferenceEngine
+
+    import torch
 
     if (args.evict_sink is None) != (args.evict_window is None):
         raise SystemExit("--evict-sink and --evict-window go together")
     if args.evict_after_prefill and args.evict_sink is None:
         raise SystemExit("--evict-after-prefill needs --evict-sink and --evict-window")
     tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
-    model = load_single_process_model(args.load, args.iteration)
+    model = load_model(args)
+    rank = torch.distributed.get_rank()
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     items = build_items(tokenizer, tasks, args.lengths, args.depths, args.samples_per_cell,
                         args.seed, load_haystack(args.haystack)) if tasks else []
@@ -83,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if longest > model.max_sequence_length:
         raise SystemExit(f"prompts need {longest} positions; the model has "
                          f"{model.max_sequence_length}")
-    print(f"{len(items)} items over tasks {tasks}, lengths {args.lengths}", file=sys.stderr)
+    if rank == 0:
+        print(f"{len(items)} items over tasks {tasks}, lengths {args.lengths}", file=sys.stderr)
 
     with all_full_attention(model) if args.all_full else contextlib.nullcontext():
         if args.evict_sink is not None:
@@ -93,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             engine = InferenceEngine(model, longest, chunk_size=args.chunk_size)
         results = runner.run_items(engine, tokenizer, items, args.batch_size,
-                                   progress=not args.no_progress) if items else []
+                                   progress=rank == 0 and not args.no_progress) if items else []
         ppl = None
         if args.ppl_text:
             seq = args.ppl_seq_length or max(args.lengths)
@@ -101,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             windows = runner.windows_from_documents(docs, seq, args.ppl_max_windows)
             ppl = runner.perplexity_by_position(model, windows, args.ppl_bucket, args.batch_size)
 
+    if rank != 0:  # every rank ran the same items; rank 0 reports
+        return 0
     config = {k: v for k, v in vars(args).items()}
     title = "Long-context evaluation" + (" (all-full)" if args.all_full else "") + (
         f" (sink {args.evict_sink} + window {args.evict_window} eviction"

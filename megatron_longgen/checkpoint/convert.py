@@ -7,14 +7,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_longgen.checkpoint import layout, megatron_io, verify
 from megatron_longgen.checkpoint.errors import ConversionError, staged_output
-from megatron_longgen.config import longgen_fields
+from megatron_longgen.config import LongGenFields, longgen_fields
 from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
 from megatron_longgen.training.setup import padded_vocab_size
@@ -105,29 +105,41 @@ def _fill_megatron(model, weights: LazyHFWeights, record: CheckpointRecord) -> N
         raise ConversionError(f"Megatron parameters not filled from HF: {left[:5]}")
 
 
-def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
-    """Convert ``opts.hf_dir`` into a trainer checkpoint at ``opts.megatron_dir``."""
-    if opts.dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {opts.dtype!r}")
-    hf_config = read_hf_config(opts.hf_dir)
+def _hf_record(hf_dir: str, longgen: LongGenSettings, dtype: str, tp: int = 1,
+               pp: int = 1) -> Tuple[CheckpointRecord, LazyHFWeights]:
+    """The record of an HF Llama folder for a target layout, and its checked lazy weights."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    hf_config = read_hf_config(hf_dir)
     shape = llama_shape(hf_config)
-    tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
     check_target_parallel(shape, tp, pp)
-    weights = LazyHFWeights(opts.hf_dir)
+    weights = LazyHFWeights(hf_dir)
     _check_hf_tensors(weights, shape)
     record = CheckpointRecord(
-        shape=shape, longgen=opts.longgen, padded_vocab_size=padded_vocab_size(shape.vocab_size, tp),
-        dtype=opts.dtype, target_tensor_parallel_size=tp, target_pipeline_parallel_size=pp,
+        shape=shape, longgen=longgen, padded_vocab_size=padded_vocab_size(shape.vocab_size, tp),
+        dtype=dtype, target_tensor_parallel_size=tp, target_pipeline_parallel_size=pp,
         hf_config=hf_config)
     megatron_io.megatron_config(record)  # LongGen settings are checked before any work
-    if shape.rms_norm_eps != 1e-5:
-        print(f"note: rms_norm_eps={shape.rms_norm_eps:g} is recorded in {os.path.basename(opts.megatron_dir)}"
-              "/longgen_config.json; the trainer's Llama presets use 1e-5", file=sys.stderr)
+    return record, weights
 
-    megatron_io.init_single_process()
+
+def _megatron_model_from_hf(record: CheckpointRecord, weights: LazyHFWeights, device: str = "cpu"):
+    megatron_io.init_single_process(device)
     model = megatron_io.build_model(record)
     _fill_megatron(model, weights, record)
     weights.close()
+    return model
+
+
+def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
+    """Convert ``opts.hf_dir`` into a trainer checkpoint at ``opts.megatron_dir``."""
+    tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+    record, weights = _hf_record(opts.hf_dir, opts.longgen, opts.dtype, tp, pp)
+    if record.shape.rms_norm_eps != 1e-5:
+        print(f"note: rms_norm_eps={record.shape.rms_norm_eps:g} is recorded in "
+              f"{os.path.basename(opts.megatron_dir)}/longgen_config.json; the trainer's Llama "
+              "presets use 1e-5", file=sys.stderr)
+    model = _megatron_model_from_hf(record, weights)
     with staged_output(opts.megatron_dir, opts.overwrite) as tmp:
         if opts.verify:
             _verify_import(model, opts, record)
@@ -302,6 +314,23 @@ def megatron_to_hf(opts: ExportOptions) -> CheckpointRecord:
             _verify_export(model, tmp, record, dtype, opts)
     print(f"wrote {opts.hf_dir} ({'Llama' if opts.plain_llama else 'LongGen'}, {dtype})", file=sys.stderr)
     return record
+
+
+def hf_longgen_settings(hf_config: dict) -> LongGenSettings:
+    """The hybrid layout an HF folder describes: a LongGen export's own fields; a plain Llama
+    runs every layer full."""
+    if hf_config.get("model_type") != "longgen":
+        return LongGenSettings(full_attention_placement="all")
+    # An export records its full layers explicitly and leaves placement/ratio null.
+    return LongGenSettings(**{f.name: hf_config[f.name] for f in fields(LongGenFields)
+                              if hf_config.get(f.name) is not None})
+
+
+def load_hf_as_megatron(hf_dir: str, dtype: str = "fp32", device: str = "cpu"):
+    """An HF export (or a plain Llama folder) as a whole Megatron model in eval mode, in memory:
+    what the evaluation tool runs on HF folders (TP = PP = 1; convert first for TP)."""
+    record, weights = _hf_record(hf_dir, hf_longgen_settings(read_hf_config(hf_dir)), dtype)
+    return _megatron_model_from_hf(record, weights, device).to(device).eval()
 
 
 def load_hf_export(path: str, dtype: Optional[torch.dtype] = None):

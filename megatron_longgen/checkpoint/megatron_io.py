@@ -181,8 +181,9 @@ def load_inference_model(root: str, iteration=None, tensor_parallel: int = 1, de
         init_single_process(device)  # keeps groups a caller already set up at TP = PP = 1
     else:
         initialize_parallel(tensor_model_parallel_size=tensor_parallel, device=device)
-    # On CUDA the parameters are made there: NCCL loads them in place.
-    model = build_model(record, use_cpu_initialization=device == "cpu")
+    # On CUDA the parameters are made there (NCCL loads them in place); modules that ignore
+    # the device flag (Megatron's local norms) are moved after.
+    model = build_model(record, use_cpu_initialization=device == "cpu").to(device)
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 

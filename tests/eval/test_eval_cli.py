@@ -1,39 +1,105 @@
-"""tools/evaluate.py on a trainer checkpoint: tasks, the eviction baseline and perplexity."""
+"""tools/evaluate.py on a trainer checkpoint: tasks, the eviction baseline and perplexity; on HF
+exports of it; and tensor parallel on two gloo ranks against one process."""
 
 import importlib.util
 import json
 import os
+import sys
 
 import torch
 
 from megatron_longgen.models.gpt import build_longgen_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "parallel"))
+import harness as H  # noqa: E402
 
 
-def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
+def save_tiny_checkpoint(path, seed=5, placement="middle"):
     from megatron_longgen.training import checkpointing
     from megatron_longgen.training.arguments import TrainConfig
     from megatron_longgen.training.setup import model_config_from, vocab_size_for
 
     train = TrainConfig(model="tiny", seq_length=320, device="cpu", sparse_attention="attn_sink",
-                        sink_tokens=4, sliding_window_size=32)
-    torch.manual_seed(5)
+                        sink_tokens=4, sliding_window_size=32, full_attention_placement=placement)
+    torch.manual_seed(seed)
     model = build_longgen_model(model_config_from(train), vocab_size_for(train), train.seq_length)
-    ckpt = tmp_path / "ckpt"
-    checkpointing.save_checkpoint(str(ckpt), 0, [model], None, None, consumed_samples=0,
+    checkpointing.save_checkpoint(str(path), 0, [model], None, None, consumed_samples=0,
                                   train_config=train)
+    return path
+
+
+def load_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, "tools", "evaluate.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+TASK_FLAGS = ["--tasks", "passkey,niah", "--lengths", "224,288", "--depths", "0,1", "--no-progress"]
+
+
+def generated(out_dir):
+    return [item["generated"] for item in json.load(open(out_dir / "report.json"))["items"]]
+
+
+def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
-    assert cli.main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
-                     "--tasks", "passkey,niah", "--lengths", "224,288", "--depths", "0,1",
-                     "--all-full", "--evict-sink", "4", "--evict-window", "64", "--no-progress",
-                     "--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"),
-                     "--ppl-seq-length", "128", "--ppl-bucket", "32", "--ppl-max-windows", "4"]) == 0
+    assert load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
+                            *TASK_FLAGS, "--all-full", "--evict-sink", "4", "--evict-window", "64",
+                            "--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"),
+                            "--ppl-seq-length", "128", "--ppl-bucket", "32", "--ppl-max-windows", "4"]) == 0
     report = json.load(open(out / "report.json"))
     assert report["summary"]["passkey"]["items"] == 4
     assert len(report["perplexity_by_position"]["loss"]) == 4
     assert {"summary.md", "heatmap_passkey.png", "heatmap_niah.png", "ppl_by_position.png"} <= set(os.listdir(out))
     assert "eviction" in capsys.readouterr().out
+
+
+def test_cli_on_hf_exports_answers_as_the_megatron_checkpoint(megatron_cpu, tokenizer, tmp_path):
+    """A LongGen export keeps the hybrid layout; a plain Llama export runs every layer full."""
+    from megatron_longgen.checkpoint import ExportOptions, megatron_to_hf
+
+    cli = load_cli()
+    runs = {}
+    for placement, plain in (("middle", False), ("all", True)):
+        ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{placement}", placement=placement)
+        runs[placement] = tmp_path / f"out-{placement}"
+        cli.main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir",
+                  str(runs[placement]), *TASK_FLAGS])
+        hf = tmp_path / f"hf-{placement}"
+        megatron_to_hf(ExportOptions(megatron_dir=str(ckpt), hf_dir=str(hf), dtype="fp32", plain_llama=plain))
+        out = tmp_path / f"out-hf-{placement}"
+        assert cli.main(["--load", str(hf), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
+                         *TASK_FLAGS]) == 0
+        assert generated(out) == generated(runs[placement])
+    # Same weights, different layouts: the comparison above would catch a lost layout.
+    assert generated(runs["middle"]) != generated(runs["all"])
+
+
+def _tp_worker(rank, world, port, ckpt, tok, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    load_cli().main(["--load", ckpt, "--tokenizer-model", tok, "--output-dir", out, *TASK_FLAGS,
+                     "--tensor-model-parallel-size", str(world), "--ppl-text",
+                     os.path.join(ROOT, "examples", "data", "essays.txt"), "--ppl-seq-length", "128",
+                     "--ppl-bucket", "32", "--ppl-max-windows", "2"])
+
+
+def test_cli_tensor_parallel_matches_one_process(megatron_cpu, tokenizer, tmp_path):
+    import torch.multiprocessing as mp
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    one = tmp_path / "tp1"
+    load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(one),
+                     *TASK_FLAGS, "--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"),
+                     "--ppl-seq-length", "128", "--ppl-bucket", "32", "--ppl-max-windows", "2"])
+    two = tmp_path / "tp2"
+    mp.spawn(_tp_worker, args=(2, H.free_port(), str(ckpt), tokenizer.path, str(two)), nprocs=2, join=True)
+    assert json.load(open(two / "report.json"))["config"]["tensor_model_parallel_size"] == 2
+    assert generated(two) == generated(one)
+    ppl1 = json.load(open(one / "report.json"))["perplexity_by_position"]["loss"]
+    ppl2 = json.load(open(two / "report.json"))["perplexity_by_position"]["loss"]
+    assert max(abs(a - b) for a, b in zip(ppl1, ppl2)) < 1e-4
