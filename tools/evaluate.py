@@ -15,12 +15,13 @@ Tensor parallel over the GPUs of one node (rank 0 writes the report):
 The KV-eviction baseline on a full-attention model: add ``--all-full`` (every layer causal)
 and ``--evict-sink 4 --evict-window 1024`` (StreamingLLM: the prompt streams through the
 sink + window cache; ``--evict-after-prefill`` evicts only after a full prefill).
-Perplexity by position: ``--ppl-text file.txt`` (repeatable) with ``--ppl-seq-length`` and
-``--ppl-bucket``.
+Perplexity by position: ``--ppl-text file.txt`` or ``--ppl-data-path PREFIX`` (an indexed
+dataset; both repeatable) with ``--ppl-seq-length`` and ``--ppl-bucket``.
 """
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 from typing import List, Optional
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evict-window", type=int, default=None)
     p.add_argument("--evict-after-prefill", action="store_true",
                    help="with --evict-sink: prefill with full attention and evict for decode only")
-    p.add_argument("--ppl-text", action="append", default=None, help="held-out text file")
+    p.add_argument("--ppl-text", action="append", default=None,
+                   help="held-out text file, one document (repeatable)")
+    p.add_argument("--ppl-data-path", action="append", default=None,
+                   help="held-out Megatron indexed dataset prefix (PREFIX.bin/.idx, repeatable)")
     p.add_argument("--ppl-seq-length", type=int, default=None, help="default: the longest length")
     p.add_argument("--ppl-bucket", type=int, default=256)
     p.add_argument("--ppl-max-windows", type=int, default=64)
@@ -130,9 +134,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = runner.run_items(engine, tokenizer, items, args.batch_size,
                                    progress=rank == 0 and not args.no_progress) if items else []
         ppl = None
-        if args.ppl_text:
+        if args.ppl_text or args.ppl_data_path:
             seq = args.ppl_seq_length or max(args.lengths)
-            docs = [tokenizer.encode(open(f, encoding="utf-8").read()) for f in args.ppl_text]
+            # Text files framed as the preprocessor frames documents (BOS first).
+            docs = itertools.chain(
+                ([tokenizer.bos_id] + tokenizer.encode(open(f, encoding="utf-8").read())
+                 for f in args.ppl_text or []),
+                *(runner.documents_from_indexed(p) for p in args.ppl_data_path or []))
             windows = runner.windows_from_documents(docs, seq, args.ppl_max_windows)
             ppl = runner.perplexity_by_position(model, windows, args.ppl_bucket, args.batch_size)
 

@@ -23,7 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -136,14 +136,26 @@ class PerplexityByPosition:
         return [math.exp(x) for x in self.loss]
 
 
-def windows_from_documents(documents: Sequence[Sequence[int]], seq_length: int,
+def documents_from_indexed(prefix: str) -> Iterator[np.ndarray]:
+    """The documents of a Megatron indexed dataset (``prefix.bin``/``.idx``, as
+    ``tools/preprocess_data.py`` writes them, BOS and EOD included), read lazily in order:
+    each document's sequences concatenated."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    bounds = dataset.document_indices
+    for d in range(len(bounds) - 1):
+        yield np.concatenate([dataset[i] for i in range(bounds[d], bounds[d + 1])])
+
+
+def windows_from_documents(documents: Iterable[Sequence[int]], seq_length: int,
                            max_windows: Optional[int] = None) -> List[List[int]]:
     """Non-overlapping ``seq_length + 1``-token windows (inputs plus the last target), each
     from a single document, so position p always has p tokens of real context."""
     out = []
     for doc in documents:
         for s in range(0, len(doc) - seq_length, seq_length + 1):
-            out.append(list(doc[s:s + seq_length + 1]))
+            out.append([int(t) for t in doc[s:s + seq_length + 1]])
             if max_windows is not None and len(out) >= max_windows:
                 return out
     return out
