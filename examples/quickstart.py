@@ -2,9 +2,9 @@
 
 1. Train a small sentencepiece tokenizer on the bundled text and preprocess that text into a
    Megatron indexed dataset.
-2. Train a tiny Llama-style model at short context (in the hybrid's layout; --base-placement
-   all: every layer full, like a pretrained full-attention model) on that text mixed with
-   passkey-retrieval documents (a one-digit key after a "#" mark).
+2. Train a tiny Llama-style model at short context (every layer full, like the pretrained
+   model LongGen starts from; --base-placement middle: the hybrid's layout from the start) on
+   that text mixed with passkey-retrieval documents (a one-digit key after a "#" mark).
 3. Extend it to a longer context (twice by default) with a raised RoPE base, from the same
    weights: as a LongGen hybrid (the middle third of the layers full, the rest sink + window)
    and with every layer sparse. A third extension keeps every layer full; it is scored as
@@ -14,7 +14,7 @@
    sparse window: only layers with full attention can read it directly. All four are scored by
    greedy generation on the same prompts; a heatmap (depth x model) is written as PNG.
 
-    python examples/quickstart.py                 # about 11 minutes on 2 CPU cores
+    python examples/quickstart.py                 # about 12 minutes on 2 CPU cores
     python examples/quickstart.py --models hybrid sparse --seed 1
     python examples/quickstart.py --device cuda
 """
@@ -102,7 +102,7 @@ def main() -> None:
                         help="passkey items per text window in the training mixture")
     parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
                         help="marked: a one-digit key after a '#' mark (one token to retrieve)")
-    parser.add_argument("--base-placement", default="middle", choices=("all", "middle"),
+    parser.add_argument("--base-placement", default="all", choices=("all", "middle"),
                         help="full-attention layers of the short-context stage: all (a full-attention "
                              "base, as in the paper) or middle (the hybrid's layout from the start)")
     parser.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quickstart_defaults_show_the_hybrid_retrieving_beyond_the_window(tmp_path):
-    """The README's main job with its defaults (about 11 minutes on 2 CPU cores): every stage
+    """The README's main job with its defaults (about 12 minutes on 2 CPU cores): every stage
     runs, and the extended hybrid answers the passkey from beyond the sparse window where the
     all-sparse model and the all-full model under sink + window eviction cannot."""
     proc = subprocess.run([sys.executable, "examples/quickstart.py", "--workdir", str(tmp_path / "qs")],
