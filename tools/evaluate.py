@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seq = args.ppl_seq_length or max(args.lengths)
             # Text files framed as the preprocessor frames documents (BOS first).
             docs = itertools.chain(
-                ([tokenizer.bos_id] + tokenizer.encode(open(f, encoding="utf-8").read())
+                (tokenizer.encode_document(open(f, encoding="utf-8").read(), append_eod=False)
                  for f in args.ppl_text or []),
                 *(runner.documents_from_indexed(p) for p in args.ppl_data_path or []))
             windows = runner.windows_from_documents(docs, seq, args.ppl_max_windows)

@@ -143,26 +143,25 @@ def layer_params(model, i: int) -> Dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def all_full_attention(model):
-    """Temporarily make every layer causal: how an HF Llama must match the imported weights."""
+def attention_pattern(model, pattern):
+    """Temporarily give every attention layer ``pattern``, whatever its own."""
     from megatron_longgen.attention.core_attention import LongGenCoreAttention
 
     saved = []
     for module in model.modules():
         if isinstance(module, LongGenCoreAttention):
             saved.append((module, module.pattern))
-            module.pattern, module._backend_cache = CausalPattern(), {}
+            module.pattern, module._backend_cache = pattern, {}
     try:
         yield model
     finally:
-        for module, pattern in saved:
-            module.pattern, module._backend_cache = pattern, {}
+        for module, saved_pattern in saved:
+            module.pattern, module._backend_cache = saved_pattern, {}
 
 
-def load_single_process_model(root: str, iteration=None):
-    """A checkpoint's whole model (TP = PP = 1, CPU, eval mode), rebuilt from the flags it was
-    saved with: what the evaluation tool runs."""
-    return load_inference_model(root, iteration)
+def all_full_attention(model):
+    """Temporarily make every layer causal: how an HF Llama must match the imported weights."""
+    return attention_pattern(model, CausalPattern())
 
 
 def load_inference_model(root: str, iteration=None, tensor_parallel: int = 1, device: str = "cpu"):

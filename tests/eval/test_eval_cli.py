@@ -39,6 +39,11 @@ def load_cli():
 TASK_FLAGS = ["--tasks", "passkey,niah", "--lengths", "224,288", "--depths", "0,1", "--no-progress"]
 
 
+def ppl_flags(max_windows):
+    return ["--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"), "--ppl-seq-length", "128",
+            "--ppl-bucket", "32", "--ppl-max-windows", str(max_windows)]
+
+
 def generated(out_dir):
     return [item["generated"] for item in json.load(open(out_dir / "report.json"))["items"]]
 
@@ -48,8 +53,7 @@ def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
     assert load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
                             *TASK_FLAGS, "--all-full", "--evict-sink", "4", "--evict-window", "64",
-                            "--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"),
-                            "--ppl-seq-length", "128", "--ppl-bucket", "32", "--ppl-max-windows", "4"]) == 0
+                            *ppl_flags(4)]) == 0
     report = json.load(open(out / "report.json"))
     assert report["summary"]["passkey"]["items"] == 4
     assert len(report["perplexity_by_position"]["loss"]) == 4
@@ -83,9 +87,7 @@ def _tp_worker(rank, world, port, ckpt, tok, out):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     load_cli().main(["--load", ckpt, "--tokenizer-model", tok, "--output-dir", out, *TASK_FLAGS,
-                     "--tensor-model-parallel-size", str(world), "--ppl-text",
-                     os.path.join(ROOT, "examples", "data", "essays.txt"), "--ppl-seq-length", "128",
-                     "--ppl-bucket", "32", "--ppl-max-windows", "2"])
+                     "--tensor-model-parallel-size", str(world), *ppl_flags(2)])
 
 
 def test_cli_tensor_parallel_matches_one_process(megatron_cpu, tokenizer, tmp_path):
@@ -94,8 +96,7 @@ def test_cli_tensor_parallel_matches_one_process(megatron_cpu, tokenizer, tmp_pa
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     one = tmp_path / "tp1"
     load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(one),
-                     *TASK_FLAGS, "--ppl-text", os.path.join(ROOT, "examples", "data", "essays.txt"),
-                     "--ppl-seq-length", "128", "--ppl-bucket", "32", "--ppl-max-windows", "2"])
+                     *TASK_FLAGS, *ppl_flags(2)])
     two = tmp_path / "tp2"
     mp.spawn(_tp_worker, args=(2, H.free_port(), str(ckpt), tokenizer.path, str(two)), nprocs=2, join=True)
     assert json.load(open(two / "report.json"))["config"]["tensor_model_parallel_size"] == 2

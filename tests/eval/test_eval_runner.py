@@ -99,8 +99,8 @@ def test_sink_window_eviction_after_prefill(megatron_cpu):
 def test_streaming_eviction_matches_the_model_run_with_sink_window_masks(megatron_cpu):
     """StreamingLLM: every prompt token reads only sink + window, from sink + window sized
     caches; the reference is the model's own forward with that pattern in every layer."""
-    from megatron_longgen.attention.core_attention import LongGenCoreAttention
     from megatron_longgen.attention.patterns import AttnSinkPattern
+    from megatron_longgen.checkpoint.megatron_io import attention_pattern
 
     model = tiny_model()
     tokens = torch.arange(5, 105).remainder(VOCAB).view(1, -1)
@@ -111,16 +111,8 @@ def test_streaming_eviction_matches_the_model_run_with_sink_window_masks(megatro
         # sink + window - 1 slots: the next query is itself the window's newest token.
         assert all(lc.k.shape[2] == 4 + 15 for lc in cache.layers)
         full_logits = InferenceEngine(model, 128).prefill(tokens)[1]
-    cores = [m for m in model.modules() if isinstance(m, LongGenCoreAttention)]
-    saved = [(c, c.pattern) for c in cores]
-    try:
-        for c in cores:
-            c.pattern, c._backend_cache = AttnSinkPattern(sink_tokens=4, window_size=16), {}
-        with torch.no_grad():
-            position_ids = torch.arange(tokens.shape[1]).view(1, -1)
-            reference = model(tokens, position_ids, None)[0, -1].float()
-    finally:
-        for c, pattern in saved:
-            c.pattern, c._backend_cache = pattern, {}
+    with attention_pattern(model, AttnSinkPattern(sink_tokens=4, window_size=16)), torch.no_grad():
+        position_ids = torch.arange(tokens.shape[1]).view(1, -1)
+        reference = model(tokens, position_ids, None)[0, -1].float()
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits, full_logits, atol=1e-3)  # the window did cut something
