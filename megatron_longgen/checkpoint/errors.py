@@ -7,8 +7,10 @@ import os
 import shutil
 import tempfile
 
+from megatron_longgen.utils.cli import UsageError
 
-class ConversionError(RuntimeError):
+
+class ConversionError(UsageError):
     """A checkpoint cannot be converted as asked; the message says why and what to change."""
 
 
