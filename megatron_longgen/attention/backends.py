@@ -7,9 +7,8 @@ the local query heads; it returns out [b, hq, s, d], and with ``return_lse`` the
 the scaled scores over the allowed keys. ``supports(pattern, device)`` says where it applies.
 
 Gradient through the LSE (context parallelism merges partial results with it): reference,
-triton and fa4 causal carry it; flex on its Triton kernels carries it, with the FLASH
-backend (fa4 attn_sink) torch raises when a loss depends on it; sdpa's LSE has none and
-raises if one reaches it.
+triton, flex (its Triton kernels) and fa4 on causal layers carry it. Two have none and raise
+when a loss depends on the LSE: fa4 on AttnSink (torch's FLASH backend of Flex) and sdpa.
 """
 
 from __future__ import annotations
