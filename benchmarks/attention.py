@@ -149,7 +149,8 @@ def inputs_for(seq_len, hkv):
     return mk(HEADS), mk(hkv), mk(hkv)
 
 
-def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton", "fa4"), json_path=None):
+def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton", "fa4"),
+              json_path=None):
     rows = []
     heads = torch.arange(HEADS)
     say(f"{'L':>7} {'hkv':>3} {'pattern':12} {'backend':7} {'fwd ms':>9} {'fwd+bwd ms':>11} "
@@ -314,8 +315,8 @@ def compare_tiles(seq_len, hkv, flex_block):
             f"TFLOP/s per allowed pair (target 75%)")
     for name, other in (("causal", "sdpa"), ("attn_sink", "ours tuned")):
         if (name, "fa4") in by:  # auto's order on cuda (attention/backends.py) rests on these
-            say(f"{name}: fwd+bwd fa4 {by[(name, other)]['fwd_bwd_ms'] / by[(name, 'fa4')]['fwd_bwd_ms']:.2f}x "
-                f"{other}")
+            speedup = by[(name, other)]["fwd_bwd_ms"] / by[(name, "fa4")]["fwd_bwd_ms"]
+            say(f"{name}: fwd+bwd fa4 {speedup:.2f}x {other}")
     return results
 
 

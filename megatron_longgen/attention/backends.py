@@ -153,7 +153,8 @@ def _sdpa_with_lse(q, k, v, mask: Optional[torch.Tensor], scale: float):
             q, k, v, 0.0, True, False, scale=scale)[:2]
     bias = None
     if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~mask, float("-inf"))
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, mask is None, attn_mask=bias, scale=scale)
 

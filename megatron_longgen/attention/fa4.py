@@ -47,7 +47,7 @@ def fa4_installed() -> bool:
     takes seconds to load, so the kernels import it on first use."""
     try:
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except (ImportError, OSError, ValueError):  # no parent ``flash_attn``, or one that fails to load
+    except (ImportError, OSError, ValueError):  # no parent ``flash_attn``, or a broken one
         return False
 
 

@@ -84,8 +84,8 @@ def test_reference_lse_gradient():
     weight = torch.randn(lse.shape, dtype=torch.float64)
     got = torch.autograd.grad((lse * weight).sum(), (q, k))
     q2, k2 = q.detach().requires_grad_(), k.detach().requires_grad_()
-    want = torch.autograd.grad((dense_lse(q2, k2, SINK, torch.arange(4), 4, None, 0.3) * weight).sum(),
-                               (q2, k2))
+    want_lse = dense_lse(q2, k2, SINK, torch.arange(4), 4, None, 0.3)
+    want = torch.autograd.grad((want_lse * weight).sum(), (q2, k2))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -137,7 +137,8 @@ def test_auto_falls_back_with_one_log_line(fa4_missing, caplog):
 
 
 def test_explicit_fa4_without_the_package_names_it(fa4_missing):
-    with pytest.raises(UsageError, match=r"needs the flash-attn-4 package.*pip install flash-attn-4"):
+    hint = r"needs the flash-attn-4 package.*pip install flash-attn-4"
+    with pytest.raises(UsageError, match=hint):
         backends.resolve_backend("fa4", CausalPattern(), CUDA)
 
 
