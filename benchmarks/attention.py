@@ -1,14 +1,15 @@
 """Attention kernels on GPU: correctness of the Triton kernels, then a timing table.
 
     python benchmarks/attention.py [--lengths 16384 32768 65536 131072] [--kv-heads 32 8]
-                                   [--backends sdpa flex triton] [--skip-check]
+                                   [--backends sdpa flex triton fa4] [--skip-check]
                                    [--tune [attn_sink] [block_sparse]] [--compare]
                                    [--json results.json]
 
 Batch 1, 32 query heads, head dim 128, bf16. For each length and KV-head count it times the
 forward and forward+backward of SDPA causal (dense), FlexAttention and our Triton kernel on
 AttnSink (sink 64, window 4096) and BlockSparse (block 64, 16 local blocks, vertical stride 8,
-heterogeneous heads). TFLOP/s count only allowed pairs: forward 4 * pairs * d, forward+backward
+heterogeneous heads), and, where flash-attn-4 is installed, its backend (``attention/fa4.py``)
+on causal and AttnSink. TFLOP/s count only allowed pairs: forward 4 * pairs * d, forward+backward
 3.5x that (the backward's five matrix products are 2.5x the forward's two).
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_longgen.attention import fa4  # noqa: E402
 from megatron_longgen.attention.flex import flex_attention_backend  # noqa: E402
 from megatron_longgen.attention.patterns import (  # noqa: E402
     AttnSinkPattern,
@@ -117,6 +119,14 @@ def make_fns(pattern, heads, flex_block):
     return sdpa, flex, ours
 
 
+def fa4_fn(pattern, heads):
+    """The fa4 backend on ``pattern``, or None where flash-attn-4 cannot run it here."""
+    if not (fa4.fa4_installed() and fa4.supports(pattern, torch.device("cuda"))):
+        return None
+    return lambda q, k, v: fa4.fa4_attention(  # noqa: E731
+        q, k, v, pattern=pattern, heads=heads, scale=DIM ** -0.5)
+
+
 def cross_check(seq_len, hkv, flex_block):
     """Our kernel vs Flex (and SDPA for causal) in bf16 at one long size."""
     heads = torch.arange(HEADS)
@@ -139,7 +149,8 @@ def inputs_for(seq_len, hkv):
     return mk(HEADS), mk(hkv), mk(hkv)
 
 
-def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton"), json_path=None):
+def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton", "fa4"),
+              json_path=None):
     rows = []
     heads = torch.arange(HEADS)
     say(f"{'L':>7} {'hkv':>3} {'pattern':12} {'backend':7} {'fwd ms':>9} {'fwd+bwd ms':>11} "
@@ -155,8 +166,9 @@ def run_table(lengths, kv_heads, flex_block, only=("sdpa", "flex", "triton"), js
                 # Dense causal is SDPA's job (backends.py never routes it to our kernel).
                 backends = ([("sdpa", sdpa)] if pattern.name == "causal"
                             else [("flex", flex), ("triton", ours)])
+                backends.append(("fa4", fa4_fn(pattern, heads)))
                 for name, fn in backends:
-                    if name not in only:
+                    if name not in only or fn is None:
                         continue
                     t0 = time.time()
                     fwd = bench(fn, False, inputs)
@@ -269,10 +281,15 @@ def compare_tiles(seq_len, hkv, flex_block):
     sdpa, _, _ = make_fns(CausalPattern(), heads, flex_block)
     causal_pairs = allowed_pair_count(CausalPattern(), seq_len, heads, num_heads=HEADS)
     rows = [("causal", "sdpa", sdpa, causal_pairs)]
+    fa4_fns = {p.name: fa4_fn(p, heads) for p in (CausalPattern(), AttnSinkPattern(64, 4096))}
+    if fa4_fns["causal"] is not None:
+        rows.append(("causal", "fa4", fa4_fns["causal"], causal_pairs))
     for pattern in (AttnSinkPattern(64, 4096), BlockSparsePattern(64, 16, 8, False, HEADS, hkv)):
         pairs = allowed_pair_count(pattern, seq_len, heads, num_heads=HEADS)
         _, flex, _ = make_fns(pattern, heads, flex_block)
         rows.append((pattern.name, "flex", flex, pairs))
+        if fa4_fns.get(pattern.name) is not None:
+            rows.append((pattern.name, "fa4", fa4_fns[pattern.name], pairs))
         for label, tiles in (("ours DEFAULT_TILES", DEFAULT_TILES),
                              ("ours tuned", default_tiles(pattern, torch.bfloat16))):
             fn = (lambda t, p: lambda q, k, v: sparse_attention(q, k, v, p, heads, scale, tiles=t))(tiles, pattern)
@@ -296,6 +313,10 @@ def compare_tiles(seq_len, hkv, flex_block):
         say(f"{name}: fwd+bwd ours tuned {flex['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x Flex "
             f"(target {target}x), {ours['fwd_bwd_tflops'] / sdpa_tflops:.0%} of SDPA causal's "
             f"TFLOP/s per allowed pair (target 75%)")
+    for name, other in (("causal", "sdpa"), ("attn_sink", "ours tuned")):
+        if (name, "fa4") in by:  # auto's order on cuda (attention/backends.py) rests on these
+            speedup = by[(name, other)]["fwd_bwd_ms"] / by[(name, "fa4")]["fwd_bwd_ms"]
+            say(f"{name}: fwd+bwd fa4 {speedup:.2f}x {other}")
     return results
 
 
@@ -321,7 +342,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     parser.add_argument("--flex-block", type=int, default=128)
-    parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "triton"])
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "triton", "fa4"],
+                        help="backends of the table (fa4 only where flash-attn-4 is installed)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--try-flex-64", action="store_true")
     parser.add_argument("--tune", nargs="*", choices=["attn_sink", "block_sparse"], default=None,
@@ -329,7 +351,8 @@ def main():
                              "print the fastest per pattern, exit")
     parser.add_argument("--compare", action="store_true",
                         help="time SDPA causal, Flex, ours with DEFAULT_TILES and with the tuned "
-                             "defaults at the last --lengths and --kv-heads, then exit")
+                             "defaults, and fa4 on causal and AttnSink where flash-attn-4 is "
+                             "installed, at the last --lengths and --kv-heads, then exit")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -22,7 +22,7 @@ from megatron_longgen.attention.patterns import (
 
 SPARSE_PATTERNS = ("attn_sink", "block_sparse")
 PLACEMENTS = ("middle", "top", "bottom", "interleave", "all", "none")
-ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex", "triton", "fa4")
 
 
 def full_attention_layer_indices(
@@ -105,7 +105,8 @@ class LongGenConfig(TransformerConfig, LongGenFields):
     """RoPE base; length extension raises it (e.g. 10000 -> 500000 for 4K -> 128K)."""
 
     core_attention_backend: str = "auto"
-    """``auto``, ``reference`` (exact, pure torch), ``sdpa`` (full layers), ``flex``, ``triton``."""
+    """``auto``, ``reference`` (exact, pure torch), ``sdpa`` (full layers), ``flex``, ``triton``,
+    ``fa4`` (flash-attn-4, optional: full and AttnSink layers on sm90+ GPUs)."""
 
     def __post_init__(self):
         super().__post_init__()

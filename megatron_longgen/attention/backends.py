@@ -1,21 +1,32 @@
 """Attention backends behind LongGenCoreAttention, and how ``auto`` chooses among them.
 
-Each backend is ``fn(q, k, v, *, pattern, heads, scale, cu_seqlens) -> out`` with q
-[b, hq, s, d], k/v [b, hkv, s, d] (GQA not expanded), ``heads`` the global indices of the
-local query heads, and out [b, hq, s, d]. ``supports(pattern, device)`` says where it applies.
+Each backend is ``fn(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse=False)``
+with q [b, hq, s, d], k/v [b, hkv, s, d] (GQA not expanded), ``heads`` the global indices of
+the local query heads; it returns out [b, hq, s, d], and with ``return_lse`` the pair
+(out, lse): lse [b, hq, s] float32 (float64 for float64 inputs), the natural log-sum-exp of
+the scaled scores over the allowed keys. ``supports(pattern, device)`` says where it applies.
+
+Gradient through the LSE (context parallelism merges partial results with it): reference,
+triton, flex (its Triton kernels) and fa4 on causal layers carry it. Two have none and raise
+when a loss depends on the LSE: fa4 on AttnSink (torch's FLASH backend of Flex) and sdpa.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from megatron_longgen.attention import fa4
 from megatron_longgen.attention.patterns import CausalPattern, Pattern, token_mask
 from megatron_longgen.attention.reference import masked_attention
+from megatron_longgen.utils.cli import fail, is_rank_zero
+
+log = logging.getLogger("megatron_longgen.attention")
 
 
 @dataclass(frozen=True)
@@ -31,15 +42,18 @@ _BACKENDS: Dict[str, Backend] = {}
 # pattern on the device wins. On CPU: SDPA for full layers, else the exact reference.
 _AUTO_ORDER_CPU = ["sdpa", "reference"]
 
-# On cuda, per pattern, measured on H100 (docs/benchmarks.md, "Attention kernels"):
-# causal: SDPA 1.8x faster than our kernel; AttnSink: Flex and ours within 1.3% at 128K
-# (Flex ahead); BlockSparse: ours 2.2x faster than Flex (Flex's mask block of 128 reads whole
-# 128-blocks).
+# On cuda, per pattern (docs/benchmarks.md, "Attention kernels"), fwd+bwd at 128K: causal:
+# FA4 784 ms, SDPA 904 ms, our kernel 1.8x slower than SDPA; AttnSink: FA4 through Flex's
+# FLASH backend 61.3 ms, Flex (Triton) 96.7, ours 99.8; BlockSparse: ours 194.6 ms, Flex
+# FLASH 384.6, Flex 2.2x slower than ours (its mask block of 128 reads whole 128-blocks).
 _AUTO_ORDER_CUDA = {
-    "causal": ["sdpa", "triton", "flex", "reference"],
-    "attn_sink": ["flex", "triton", "reference"],
+    "causal": ["fa4", "sdpa", "triton", "flex", "reference"],
+    "attn_sink": ["fa4", "flex", "triton", "reference"],
     "block_sparse": ["triton", "flex", "reference"],
 }
+
+# Backends that need a package this install may lack: the package, for the error and the log.
+_OPTIONAL_PACKAGES = {"fa4": fa4.FA4_PACKAGE}
 
 
 def register_backend(backend: Backend) -> None:
@@ -54,18 +68,41 @@ def resolve_backend(name: str, pattern: Pattern, device: torch.device) -> Backen
     """The backend ``name`` (or the one ``auto`` picks) for ``pattern`` on ``device``."""
     device = torch.device(device)
     if name == "auto":
-        order = _AUTO_ORDER_CUDA[pattern.name] if device.type == "cuda" else _AUTO_ORDER_CPU
-        for candidate in order:
-            backend = _BACKENDS.get(candidate)
-            if backend is not None and backend.supports(pattern, device):
-                return backend
-        raise RuntimeError(f"no attention backend supports {pattern} on {device}")
+        return _auto_backend(pattern, device)
     if name not in _BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available here; have {available_backends()}")
+        if name in _OPTIONAL_PACKAGES:
+            package = _OPTIONAL_PACKAGES[name]
+            fail(f"--core-attention-backend {name} needs the {package} package, which is not "
+                 f"installed: pip install {package} (on an sm90+ GPU), or use auto")
+        fail(f"attention backend {name!r} is not available here; have {available_backends()}")
     backend = _BACKENDS[name]
     if not backend.supports(pattern, device):
-        raise ValueError(f"attention backend {name!r} does not support {pattern} on {device.type}")
+        fail(f"attention backend {name!r} does not support {pattern} on {device.type}")
     return backend
+
+
+def _auto_backend(pattern: Pattern, device: torch.device, skip: Tuple[str, ...] = ()) -> Backend:
+    order = _AUTO_ORDER_CUDA[pattern.name] if device.type == "cuda" else _AUTO_ORDER_CPU
+    missing = []
+    for candidate in order:
+        if candidate in skip:
+            continue
+        backend = _BACKENDS.get(candidate)
+        if backend is None and candidate in _OPTIONAL_PACKAGES:
+            missing.append(candidate)
+        elif backend is not None and backend.supports(pattern, device):
+            for name in missing:
+                _log_missing_once(name, pattern.name, backend.name)
+            return backend
+    raise RuntimeError(f"no attention backend supports {pattern} on {device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_missing_once(name: str, pattern_name: str, fallback: str) -> None:
+    if is_rank_zero():
+        package = _OPTIONAL_PACKAGES[name]
+        log.warning("%s not installed: %s attention uses %s; pip install %s",
+                    package, pattern_name, fallback, package)
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,20 +119,60 @@ def pattern_mask(pattern: Pattern, seq_len: int, heads: torch.Tensor,
                         len(heads), torch.device(device))
 
 
-def reference_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
+def reference_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse=False):
     mask = pattern_mask(pattern, q.shape[2], heads, cu_seqlens, q.device)
-    return masked_attention(q, k, v, mask[None], scale)[0]
+    out, lse = masked_attention(q, k, v, mask[None], scale)
+    return (out, lse) if return_lse else out
 
 
-def sdpa_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
-    if cu_seqlens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if q.is_cuda and "triton" in _BACKENDS:
-        # SDPA has no variable-length path; a dense L x L mask would not fit at long lengths.
+def sdpa_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse=False):
+    lse_in_16_bits = q.dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and "triton" in _BACKENDS and (
+            cu_seqlens is not None or (return_lse and not lse_in_16_bits)):
+        # SDPA has no variable-length path (a dense L x L mask would not fit at long lengths),
+        # and its CUDA kernel that returns the LSE runs 16 bits only.
         return _BACKENDS["triton"].fn(q, k, v, pattern=pattern, heads=heads, scale=scale,
-                                      cu_seqlens=cu_seqlens)
-    mask = pattern_mask(pattern, q.shape[2], heads, cu_seqlens, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=scale, enable_gqa=True)
+                                      cu_seqlens=cu_seqlens, return_lse=return_lse)
+    mask = None
+    if cu_seqlens is not None:
+        mask = pattern_mask(pattern, q.shape[2], heads, cu_seqlens, q.device)[None]
+    if return_lse:
+        out, lse = _sdpa_with_lse(q, k, v, mask, scale)
+        return out, _NoGradLSE.apply(lse, q)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _sdpa_with_lse(q, k, v, mask: Optional[torch.Tensor], scale: float):
+    """SDPA's flash kernels, which return the LSE (F.scaled_dot_product_attention does not);
+    both take GQA without expanding K/V. On CPU documents come as an additive mask; on CUDA
+    (16 bits, dense causal) they never reach here."""
+    if q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False, scale=scale)[:2]
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, mask is None, attn_mask=bias, scale=scale)
+
+
+class _NoGradLSE(torch.autograd.Function):
+    """SDPA's LSE has no gradient: one reaching it is an error, not silently dropped."""
+
+    @staticmethod
+    def forward(ctx, lse, q):
+        ctx.set_materialize_grads(False)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        if grad_lse is not None:
+            raise RuntimeError("the sdpa backend's LSE has no gradient; use the triton, fa4 or "
+                               "reference backend to backpropagate through the LSE")
+        return None, None
 
 
 register_backend(Backend("reference", reference_attention, lambda pattern, device: True))
@@ -108,23 +185,33 @@ def _cuda_only(pattern, device) -> bool:
 
 
 def _register_gpu_backends() -> None:
-    """Flex and our Triton kernels, where this torch build has them (cuda only: the Triton
-    kernels run on CPU only under TRITON_INTERPRET=1, for tests)."""
+    """Flex, our Triton kernels and flash-attn-4, where this install has them (cuda only: the
+    Triton kernels run on CPU only under TRITON_INTERPRET=1, for tests)."""
     try:
         from megatron_longgen.attention.flex import flex_attention_backend
     except ImportError:
         pass
     else:
         register_backend(Backend("flex", flex_attention_backend, _cuda_only))
+    if fa4.fa4_installed():
+        register_backend(Backend("fa4", fa4_attention, fa4.supports))
     try:
         from megatron_longgen.attention.triton_kernels import sparse_attention
     except ImportError:
         return
 
-    def triton_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None):
-        return sparse_attention(q, k, v, pattern, heads, scale, cu_seqlens=cu_seqlens)
+    def triton_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse=False):
+        return sparse_attention(q, k, v, pattern, heads, scale, cu_seqlens=cu_seqlens,
+                                return_lse=return_lse)
 
     register_backend(Backend("triton", triton_attention, _cuda_only))
+
+
+def fa4_attention(q, k, v, **kwargs):
+    """flash-attn-4 runs 16 bits only: float32 takes the backend ``auto`` picks after fa4."""
+    if q.dtype in fa4.FA4_DTYPES:
+        return fa4.fa4_attention(q, k, v, **kwargs)
+    return _auto_backend(kwargs["pattern"], q.device, skip=("fa4",)).fn(q, k, v, **kwargs)
 
 
 _register_gpu_backends()

@@ -15,6 +15,11 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch before AuxRequest: flex_attention(return_lse=True)
+    AuxRequest = None
+
 from megatron_longgen.attention.patterns import (
     AttnSinkPattern,
     BlockSparsePattern,
@@ -80,9 +85,23 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _lse_request() -> dict:
+    """Flex's argument asking for the LSE: ``return_aux`` where this torch has it (the older
+    ``return_lse`` is deprecated there)."""
+    return {"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True}
+
+
 def flex_attention_backend(q, k, v, *, pattern, heads, scale, cu_seqlens=None,
-                           block_size: int = FLEX_BLOCK_SIZE):
+                           return_lse: bool = False, block_size: int = FLEX_BLOCK_SIZE,
+                           kernel_options: Optional[dict] = None):
+    """``kernel_options`` go to flex_attention (``{"BACKEND": "FLASH"}``: the fa4 backend). The
+    LSE (natural log) is differentiable with Flex's Triton kernels, not with FLASH."""
     block_mask = block_mask_for(pattern, q.shape[2], heads, cu_seqlens, q.device, block_size)
     # Compiled on GPU (eager Flex materialises the scores); eager elsewhere, for tests.
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=True,
+                  kernel_options=kernel_options)
+    if not return_lse:
+        return fn(q, k, v, **kwargs)
+    out, lse = fn(q, k, v, **kwargs, **_lse_request())
+    return out, getattr(lse, "lse", lse)  # AuxOutput.lse, or the tensor itself
