@@ -1,6 +1,7 @@
 """The tiny hybrid model (GQA; AttnSink and heterogeneous-head BlockSparse layers around a full
 one) trained under TP, PP, VPP, DP (plain, distributed optimizer, gradient accumulation),
-TP x PP and TP + SP gives the single-process losses, gradient norms, gradients and weight
+TP x PP and TP + SP, and with the chunked linear cross-entropy under TP and TP + SP, gives the
+single-process losses (Megatron's own loss path), gradient norms, gradients and weight
 updates for two steps; a TP=2 x PP=2 checkpoint resumes under TP=1 x PP=1 and TP=1 x PP=2.
 
 Ranks are spawned twice (4 ranks, then 2); each rank runs its layouts in sequence,
@@ -20,6 +21,9 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 VPP2 = ["--virtual-pipeline-model-parallel-size", "2"]
 MICRO1 = ["--micro-batch-size", "1"]  # 4 micro-batches of 1 instead of 2 of 2
 DISTOPT = ["--use-distributed-optimizer"]
+# Output layer + loss in chunks of 10 tokens (vocab 512 / TP 2 x 4 B = 1 KiB a token).
+LINEAR_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear",
+             "--linear-cross-entropy-chunk-mb", "0.01"]
 
 # name -> (world size, flags). The reference is always TP=PP=DP=1, micro 2 x 2 = global 4.
 LAYOUTS = {
@@ -30,6 +34,8 @@ LAYOUTS = {
     "dp2_distopt": (2, DISTOPT),
     "dp2_accumulate": (2, MICRO1),  # 2 micro-batches per DP rank per step
     "tp2_sp": (2, TP2 + ["--sequence-parallel"]),
+    "tp2_linear_ce": (2, TP2 + LINEAR_CE),
+    "tp2_sp_linear_ce": (2, TP2 + ["--sequence-parallel"] + LINEAR_CE),
     "tp2_pp2": (4, TP2 + PP2),
     # The 70B plan's shape scaled down: query groups = TP, pipeline with virtual stages,
     # sequence parallel and full recompute.
