@@ -195,3 +195,12 @@ def test_trainer_refuses_an_impl_without_the_fusion():
     train = parse_args(["--mock-data", "--cross-entropy-fusion-impl", "linear"])
     with pytest.raises(ValueError, match="takes effect only with --cross-entropy-loss-fusion"):
         train.validate(world_size=1)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_train_step_benchmark_selects_the_loss(linear):
+    from benchmarks import train_step as bench
+
+    flags = bench.step_flags(131072, "hybrid attn_sink", 6, 32000, 3, linear_cross_entropy=linear)
+    cfg = model_config_from(parse_args(flags))
+    assert cfg.uses_linear_cross_entropy == linear and cfg.bf16
