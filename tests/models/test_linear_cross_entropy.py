@@ -204,3 +204,15 @@ def test_train_step_benchmark_selects_the_loss(linear):
     flags = bench.step_flags(131072, "hybrid attn_sink", 6, 32000, 3, linear_cross_entropy=linear)
     cfg = model_config_from(parse_args(flags))
     assert cfg.uses_linear_cross_entropy == linear and cfg.bf16
+
+
+def test_cross_entropy_benchmark_smoke(megatron_cpu, capsys):
+    from benchmarks import cross_entropy as bench
+
+    rows = bench.main(["--device", "cpu", "--tokens", "96", "--hidden", "32", "--vocab", "256",
+                       "--chunk-mb", "0.01", "--iters", "1", "--warmup", "0",
+                       "--impls", "megatron", "linear"])  # native: torch.compile, slow on CPU
+    megatron, linear = rows
+    assert megatron["impl"] == "megatron" and megatron["ms"] > 0 and "loss_diff" not in megatron
+    assert max(linear["loss_diff"], linear["grad_h_diff"], linear["grad_w_diff"]) < 1e-5
+    assert "| 256 | linear |" in capsys.readouterr().out
