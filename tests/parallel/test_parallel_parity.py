@@ -1,8 +1,9 @@
 """The tiny hybrid model (GQA; AttnSink and heterogeneous-head BlockSparse layers around a full
 one) trained under TP, PP, VPP, DP (plain, distributed optimizer, gradient accumulation),
-TP x PP and TP + SP, and with the chunked linear cross-entropy under TP and TP + SP, gives the
-single-process losses (Megatron's own loss path), gradient norms, gradients and weight
-updates for two steps; a TP=2 x PP=2 checkpoint resumes under TP=1 x PP=1 and TP=1 x PP=2.
+TP x PP and TP + SP, and with the chunked linear cross-entropy under TP, TP + SP and
+TP x PP, gives the single-process losses (of Megatron's own loss path), gradient norms,
+gradients and weight updates for two steps; a TP=2 x PP=2 checkpoint resumes under
+TP=1 x PP=1 and TP=1 x PP=2.
 
 Ranks are spawned twice (4 ranks, then 2); each rank runs its layouts in sequence,
 re-initialising Megatron's process groups in between.
@@ -37,6 +38,7 @@ LAYOUTS = {
     "tp2_linear_ce": (2, TP2 + LINEAR_CE),
     "tp2_sp_linear_ce": (2, TP2 + ["--sequence-parallel"] + LINEAR_CE),
     "tp2_pp2": (4, TP2 + PP2),
+    "tp2_pp2_linear_ce": (4, TP2 + PP2 + LINEAR_CE),
     # The 70B plan's shape scaled down: query groups = TP, pipeline with virtual stages,
     # sequence parallel and full recompute.
     "tp2_pp2_vpp2_sp_recompute": (4, TP2 + PP2 + VPP2 + MICRO1 + [
