@@ -3,12 +3,15 @@
 Llama-2-7B layer shapes (hidden 4096, 32 heads, FFN 11008) at reduced depth (default 6
 layers: 2 full + 4 sparse), bf16, full activation recomputation, batch 1, one GPU, through the
 real trainer (Megatron-Core schedules, DDP, optimizer). The vocabulary defaults to 8192: with
-Llama's 32000 the fp32 logits of one 128K sequence, their softmax and gradient (~50 GB) do
-not fit one 80 GB GPU beside the optimizer (tensor parallelism splits them in real runs); the
-vocabulary costs both models the same. Prints one table; every ratio comes from this run.
+Llama's 32000, Megatron's loss keeps the fp32 logits of one 128K sequence, their softmax and
+gradient (~44 GB), which do not fit one 80 GB GPU beside the optimizer; the vocabulary costs
+both models the same. ``--linear-cross-entropy`` computes the loss with the chunked output
+layer + cross-entropy (``--cross-entropy-fusion-impl linear``), which never holds them.
+Prints one table; every ratio comes from this run.
 
     python benchmarks/train_step.py                       # 32K, 64K, 128K
     python benchmarks/train_step.py --seq-lengths 131072 --iters 3
+    python benchmarks/train_step.py --vocab-size 32000 --linear-cross-entropy
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ def variant_flags(variant: str, num_layers: int) -> list:
     return ["--full-attention-layers", *map(str, range(third, 2 * third)), *VARIANTS[variant]]
 
 
+LINEAR_CROSS_ENTROPY = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+
+
 def step_flags(seq_length: int, variant: str, num_layers: int, vocab_size: int, iters: int,
-               backend: str = "auto") -> list:
+               backend: str = "auto", linear_cross_entropy: bool = False) -> list:
     """Trainer flags of one timed configuration: Llama-2-7B layer shapes, bf16, full
     recomputation, batch 1, mock data."""
     return [
@@ -55,12 +61,13 @@ def step_flags(seq_length: int, variant: str, num_layers: int, vocab_size: int, 
         "--recompute-num-layers", "1", "--lr", "1e-5", "--min-lr", "1e-6",
         "--core-attention-backend", backend,
         *variant_flags(variant, num_layers),
+        *(LINEAR_CROSS_ENTROPY if linear_cross_entropy else []),
     ]
 
 
 def measure(seq_length: int, variant: str, args) -> dict:
     flags = step_flags(seq_length, variant, args.num_layers, args.vocab_size,
-                       args.warmup + args.iters, args.backend)
+                       args.warmup + args.iters, args.backend, args.linear_cross_entropy)
     trainer = Trainer(parse_args(flags))
     result = trainer.fit()
     times = result.step_times[args.warmup:]
@@ -73,7 +80,8 @@ def measure_in_subprocess(seq_length: int, variant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", str(seq_length), variant,
            "--num-layers", str(args.num_layers), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--backend", args.backend,
-           "--vocab-size", str(args.vocab_size)]
+           "--vocab-size", str(args.vocab_size),
+           "--linear-cross-entropy" if args.linear_cross_entropy else "--no-linear-cross-entropy"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -91,6 +99,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--linear-cross-entropy", action=argparse.BooleanOptionalAction, default=False,
+                        help="loss from the chunked output layer + cross-entropy (no whole logits)")
     parser.add_argument("--one", nargs=2, metavar=("SEQ", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -99,7 +109,8 @@ def main():
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{args.num_layers} Llama-2-7B-shaped layers ({args.num_layers // 3} full in the hybrid), "
-          f"vocab {args.vocab_size}")
+          f"vocab {args.vocab_size}, loss: "
+          f"{'linear cross-entropy (chunked)' if args.linear_cross_entropy else 'Megatron (whole logits)'}")
     rows = []
     for seq in args.seq_lengths:
         base = None

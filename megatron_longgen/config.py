@@ -23,6 +23,9 @@ from megatron_longgen.attention.patterns import (
 SPARSE_PATTERNS = ("attn_sink", "block_sparse")
 PLACEMENTS = ("middle", "top", "bottom", "interleave", "all", "none")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex", "triton", "fa4")
+# TransformerConfig.cross_entropy_fusion_impl: Megatron's two, and "linear" (Megatron-LM's name
+# for output layer + loss in one op), which LongGenGPTModel implements in chunks.
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te", "linear")
 
 
 def full_attention_layer_indices(
@@ -108,6 +111,12 @@ class LongGenConfig(TransformerConfig, LongGenFields):
     """``auto``, ``reference`` (exact, pure torch), ``sdpa`` (full layers), ``flex``, ``triton``,
     ``fa4`` (flash-attn-4, optional: full and AttnSink layers on sm90+ GPUs)."""
 
+    linear_cross_entropy_chunk_mb: float = 512.0
+    """With ``cross_entropy_loss_fusion`` and ``cross_entropy_fusion_impl="linear"``: MiB of
+    fp32 logits one chunk of tokens may hold per TP rank (tokens = this / (vocab / TP x 4 B)).
+    The loss's logits then take at most 1.5x this (the bf16 product beside its fp32 copy),
+    whatever the sequence length."""
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_longgen()
@@ -152,11 +161,24 @@ class LongGenConfig(TransformerConfig, LongGenFields):
         if self.attention_dropout != 0.0:
             fail(f"attention_dropout must be 0 (LongGen attention has no dropout; Llama uses "
                  f"none), got {self.attention_dropout}")
+        if self.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
+            fail(f"cross_entropy_fusion_impl must be one of {CROSS_ENTROPY_FUSION_IMPLS}, "
+                 f"got {self.cross_entropy_fusion_impl!r}")
+        if self.linear_cross_entropy_chunk_mb <= 0:
+            fail(f"linear_cross_entropy_chunk_mb must be > 0, got {self.linear_cross_entropy_chunk_mb}")
+        if self.uses_linear_cross_entropy and self.mtp_num_layers:
+            fail("cross_entropy_fusion_impl='linear' does not cover multi-token prediction "
+                 f"(mtp_num_layers={self.mtp_num_layers}); use 'native' or drop MTP")
         if self.num_attention_heads % self.num_query_groups:
             fail(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                  f"num_query_groups={self.num_query_groups}")
 
     # ---- derived views (never stored, so the fields above stay the only truth) ----
+
+    @property
+    def uses_linear_cross_entropy(self) -> bool:
+        """The loss comes from ``linear_cross_entropy`` (no whole-sequence logits)."""
+        return self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "linear"
 
     @property
     def full_layer_indices(self) -> Tuple[int, ...]:

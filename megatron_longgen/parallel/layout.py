@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from megatron_longgen.models.linear_cross_entropy import chunk_tokens
 from megatron_longgen.models.presets import ModelPreset
 
 GiB = 1024 ** 3
@@ -122,6 +123,9 @@ class Layout:
     recompute: str = "full"  # "none", "selective" (core attention) or "full" (every layer)
     micro_batch_size: int = 1
     num_microbatches: int = 32
+    # None: Megatron's loss on the whole sequence's logits; else the chunked linear
+    # cross-entropy (``--cross-entropy-fusion-impl linear``) with chunks of this many MiB.
+    linear_cross_entropy_chunk_mb: Optional[float] = None
 
     @property
     def gpus(self) -> int:
@@ -140,8 +144,12 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     scores: so "selective" recompute (of core attention) saves about nothing over "none",
     and "full" keeps one layer input per layer plus one layer's activations being recomputed.
     The first stage holds min(PP, micro-batches) micro-batches in flight, times
-    (1 + (PP-1)/(PP*VPP)) with an interleaved schedule. ``overhead_gib`` stands for the CUDA
-    context, communication buffers and allocator fragmentation.
+    (1 + (PP-1)/(PP*VPP)) with an interleaved schedule. The last stage's logits take 6 bytes
+    per token and vocabulary entry on a TP rank (bf16, and the fp32 copy the loss works on):
+    for the whole sequence with Megatron's loss, for one chunk of tokens with the linear
+    cross-entropy, which adds its fp32 output-weight gradient (4 bytes per weight).
+    ``overhead_gib`` stands for the CUDA context, communication buffers and allocator
+    fragmentation.
     """
     if layout.recompute not in ("none", "selective", "full"):
         raise ValueError("recompute must be none, selective or full")
@@ -165,7 +173,12 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     else:
         activations = layers * in_flight * per_layer
     # Last stage: bf16 logits plus the fp32 copy the cross-entropy works on, vocab split by TP.
-    logits = tokens * shape.vocab_size / tp * (2 + 4)
+    vocab = shape.vocab_size / tp
+    if layout.linear_cross_entropy_chunk_mb is None:
+        logits = tokens * vocab * (2 + 4)
+    else:
+        chunk = min(tokens, chunk_tokens(layout.linear_cross_entropy_chunk_mb, int(vocab)))
+        logits = chunk * vocab * (2 + 4) + vocab * h * 4
 
     out = {
         "weights": 2 * stage_params / GiB,

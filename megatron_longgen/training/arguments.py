@@ -14,7 +14,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenFields
+from megatron_longgen.config import (
+    ATTENTION_BACKENDS,
+    CROSS_ENTROPY_FUSION_IMPLS,
+    PLACEMENTS,
+    SPARSE_PATTERNS,
+    LongGenFields,
+)
+from megatron_longgen.utils.cli import fail
 
 
 @dataclass
@@ -50,6 +57,9 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    cross_entropy_loss_fusion: Optional[bool] = None
+    cross_entropy_fusion_impl: Optional[str] = None
+    linear_cross_entropy_chunk_mb: Optional[float] = None
     # data
     data_path: List[str] = field(default_factory=list)
     mock_data: bool = False
@@ -122,6 +132,9 @@ class TrainConfig:
                              f"length ({decay_iters} iterations: --lr-decay-iters or --train-iters)")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError("--recompute-granularity must be full or selective")
+        if self.cross_entropy_fusion_impl and not self.cross_entropy_loss_fusion:
+            fail(f"--cross-entropy-fusion-impl {self.cross_entropy_fusion_impl} takes effect only "
+                 "with --cross-entropy-loss-fusion; add it (or drop the impl)")
 
 
 MODEL_FIELDS = (
@@ -129,6 +142,7 @@ MODEL_FIELDS = (
     "local_blocks", "vert_stride", "homo_head", "full_attention_layers",
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "linear_cross_entropy_chunk_mb",
 )
 
 _CHOICES = {
@@ -138,6 +152,15 @@ _CHOICES = {
     "recompute_granularity": ("full", "selective"),
     "recompute_method": ("uniform", "block"),
     "lr_decay_style": ("cosine", "linear", "constant"),
+    "cross_entropy_fusion_impl": CROSS_ENTROPY_FUSION_IMPLS,
+}
+
+_HELP = {
+    "cross_entropy_loss_fusion": "fused cross-entropy loss, of --cross-entropy-fusion-impl",
+    "cross_entropy_fusion_impl": "native: Megatron's fused vocab-parallel loss; te: "
+                                 "TransformerEngine's; linear: output layer and loss in "
+                                 "chunks of tokens, never the whole sequence's logits",
+    "linear_cross_entropy_chunk_mb": "linear: MiB of fp32 logits per chunk of tokens and TP rank",
 }
 
 
@@ -184,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _CHOICES:
             kwargs["choices"] = _CHOICES[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs["help"] = f"(default: {default})"
+        kwargs["help"] = " ".join(filter(None, (_HELP.get(f.name), f"(default: {default})")))
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
 

@@ -1,7 +1,9 @@
 """The tiny hybrid model (GQA; AttnSink and heterogeneous-head BlockSparse layers around a full
 one) trained under TP, PP, VPP, DP (plain, distributed optimizer, gradient accumulation),
-TP x PP and TP + SP gives the single-process losses, gradient norms, gradients and weight
-updates for two steps; a TP=2 x PP=2 checkpoint resumes under TP=1 x PP=1 and TP=1 x PP=2.
+TP x PP and TP + SP, and with the chunked linear cross-entropy under TP, TP + SP and
+TP x PP, gives the single-process losses (of Megatron's own loss path), gradient norms,
+gradients and weight updates for two steps; a TP=2 x PP=2 checkpoint resumes under
+TP=1 x PP=1 and TP=1 x PP=2.
 
 Ranks are spawned twice (4 ranks, then 2); each rank runs its layouts in sequence,
 re-initialising Megatron's process groups in between.
@@ -20,6 +22,9 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 VPP2 = ["--virtual-pipeline-model-parallel-size", "2"]
 MICRO1 = ["--micro-batch-size", "1"]  # 4 micro-batches of 1 instead of 2 of 2
 DISTOPT = ["--use-distributed-optimizer"]
+# Output layer + loss in chunks of 10 tokens (vocab 512 / TP 2 x 4 B = 1 KiB a token).
+LINEAR_CE = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear",
+             "--linear-cross-entropy-chunk-mb", "0.01"]
 
 # name -> (world size, flags). The reference is always TP=PP=DP=1, micro 2 x 2 = global 4.
 LAYOUTS = {
@@ -30,7 +35,10 @@ LAYOUTS = {
     "dp2_distopt": (2, DISTOPT),
     "dp2_accumulate": (2, MICRO1),  # 2 micro-batches per DP rank per step
     "tp2_sp": (2, TP2 + ["--sequence-parallel"]),
+    "tp2_linear_ce": (2, TP2 + LINEAR_CE),
+    "tp2_sp_linear_ce": (2, TP2 + ["--sequence-parallel"] + LINEAR_CE),
     "tp2_pp2": (4, TP2 + PP2),
+    "tp2_pp2_linear_ce": (4, TP2 + PP2 + LINEAR_CE),
     # The 70B plan's shape scaled down: query groups = TP, pipeline with virtual stages,
     # sequence parallel and full recompute.
     "tp2_pp2_vpp2_sp_recompute": (4, TP2 + PP2 + VPP2 + MICRO1 + [
