@@ -129,7 +129,10 @@ def _check_vocab_padding(record: CheckpointRecord, tp: int, source: str) -> None
 
 
 def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """500000.0 as 500000, 1e-06 as 1e-06: floats as a person writes them in a flag."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:g}"
+    return str(value)
 
 
 def _log(message: str) -> None:

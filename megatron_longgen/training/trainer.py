@@ -123,7 +123,8 @@ class Trainer:
         self.flops_per_sequence = training_flops_per_sequence(self.config, train.seq_length, self.vocab_size)
         full = self.config.full_layer_indices
         print_rank0(
-            f"LongGen {train.model}: {self.config.num_layers} layers, full attention at {list(full)}, "
+            f"LongGen {'from ' + self.loaded.path if self.loaded else train.model}: "
+            f"{self.config.num_layers} layers, full attention at {list(full)}, "
             f"others {self.config.sparse_attention} | world {dist.get_world_size()} "
             f"(TP {train.tensor_model_parallel_size}, PP {train.pipeline_model_parallel_size}, "
             f"CP {train.context_parallel_size}, DP {parallel_state.get_data_parallel_world_size()}) | "

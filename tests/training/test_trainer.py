@@ -185,6 +185,7 @@ def test_resume_takes_the_model_from_the_checkpoint(trained, tmp_path, capsys):
     (["--seq-length", "64"], "--seq-length 64 disagrees with the checkpoint's 32"),
     (["--full-attention-placement", "bottom"], r"--full-attention-placement bottom disagrees with "
                                                r"the checkpoint's \[2\]"),
+    (["--tensor-model-parallel-size", "5"], "does not divide the checkpoint's padded vocabulary of 384"),
 ])
 def test_flag_disagreeing_with_the_checkpoint_is_an_error(trained, extra, message, capsys):
     from megatron_longgen.train import cli_main
