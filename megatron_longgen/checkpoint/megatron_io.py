@@ -24,6 +24,7 @@ from megatron_longgen.config import LongGenConfig, longgen_fields
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
 from megatron_longgen.training import checkpointing
+from megatron_longgen.utils.cli import UsageError
 
 EMBED_KEY = "embedding.word_embeddings.weight"
 
@@ -80,7 +81,10 @@ def record_for(root: str, iteration: Optional[int]) -> CheckpointRecord:
     the trainer writes it, or beside it, as the converter does), or, for a trainer checkpoint
     older than records, one rebuilt from its saved flags. Padded vocabulary and dtype are read
     from the saved tensors."""
-    path = checkpointing.checkpoint_dir(root, iteration)
+    try:
+        path = checkpointing.checkpoint_dir(root, iteration)
+    except UsageError as err:  # the converters' and tools' error type
+        raise ConversionError(str(err)) from err
     meta = _saved_tensor_meta(path)
     if EMBED_KEY not in meta:
         raise ConversionError(f"{path} holds no {EMBED_KEY}; is it a LongGen/GPT checkpoint?")

@@ -87,6 +87,9 @@ def merge_checkpoint_settings(given: Dict[str, Any], loaded: LoadedCheckpoint) -
     recorded = loaded.settings()
     finetune = bool(given.get("finetune"))
     source = f"from {loaded.path}"
+    if loaded.train_config is None and not finetune:
+        fail(f"{loaded.path} holds weights only (a converted checkpoint: no optimizer state or "
+             "data position to resume); add --finetune to start training from it")
     # What each given value is called in a message: the flag, or --model for its preset's shape.
     said = {name: f"{_flag(name)} {_show(given[name])}" for name in given}
     wanted = dict(given)

@@ -50,8 +50,10 @@ def checkpoint_dir(root: str, iteration: Optional[int] = None) -> str:
         return root
     iteration = iteration if iteration is not None else read_latest_iteration(root)
     if iteration is None:
-        fail(f"no checkpoint in {root}: neither {TRACKER} nor a checkpoint's metadata.json; "
-             "check --load")
+        hint = ("it holds an HF model (config.json): convert it with tools/convert_hf_to_megatron.py"
+                if os.path.isfile(os.path.join(root, "config.json"))
+                else "give a directory the trainer or tools/convert_hf_to_megatron.py wrote")
+        fail(f"no checkpoint in {root}: neither {TRACKER} nor a checkpoint's metadata.json; {hint}")
     path = checkpoint_name(root, iteration)
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         return path + ".old"  # a re-save of this iteration stopped between its two renames

@@ -19,6 +19,7 @@ from megatron_longgen.checkpoint import layout, megatron_io
 from megatron_longgen.checkpoint.convert import load_hf_export
 from megatron_longgen.checkpoint.record import LongGenSettings
 from megatron_longgen.training import checkpointing
+from megatron_longgen.utils.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_FULL = LongGenSettings(full_attention_placement="all")
@@ -170,6 +171,8 @@ def test_train_and_export_keep_what_the_source_recorded(megatron_cpu, tmp_path):
         "--load", str(tmp_path / "mg"), "--finetune", "--rotary-base", "40000", "--seq-length", "32",
         "--device", "cpu", "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
         "--train-iters", "1", "--save", str(tmp_path / "trained")]))
+    with pytest.raises(UsageError, match="holds weights only .*add --finetune"):
+        parse_args(["--load", str(tmp_path / "mg"), "--mock-data"])  # a resume needs a trainer's
     c = trainer.config
     assert (c.num_layers, c.hidden_size, c.ffn_hidden_size, c.layernorm_epsilon) == (3, 64, 112, 1e-6)
     assert (c.sliding_window_size, c.sink_tokens, c.rotary_base) == (12, 2, 40000)

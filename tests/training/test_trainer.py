@@ -129,8 +129,12 @@ def test_bad_flags_and_config(tmp_path, capsys):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UsageError, match="no checkpoint"):
-        Trainer(parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none"))))
+    with pytest.raises(UsageError, match="no checkpoint .*the trainer or tools/convert_hf_to_megatron"):
+        parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none")))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="HF model .*convert it with tools/convert_hf_to_megatron.py"):
+        parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "hf"), "--finetune"))
 
 
 # ---------------------------------------------------------------- checkpoints carry their settings
