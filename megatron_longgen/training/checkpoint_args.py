@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 from megatron_longgen.checkpoint.record import CheckpointRecord
 from megatron_longgen.config import LongGenFields, full_attention_layer_indices, longgen_fields
 from megatron_longgen.models.presets import get_preset
+from megatron_longgen.training.arguments import _flag
 from megatron_longgen.utils.cli import fail, is_rank_zero
 
 # What the model is: the weights' shapes and the numerics that produced them.
@@ -66,10 +67,6 @@ class LoadedCheckpoint:
         return out
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _given_placement(given: Dict[str, Any], recorded: Dict[str, Any]):
     """The full-attention layers the given placement flags resolve to (None: none given)."""
     if not any(name in given for name in _PLACEMENT):
@@ -102,8 +99,8 @@ def merge_checkpoint_settings(given: Dict[str, Any], loaded: LoadedCheckpoint) -
     layers = _given_placement(given, recorded)
     if layers is not None:
         wanted["full_attention_layers"] = layers
-        said["full_attention_layers"] = " ".join(
-            f"{_flag(n)} {_show(given[n])}" for n in _PLACEMENT if n in given)
+        flags = " ".join(f"{_flag(n)} {_show(given[n])}" for n in _PLACEMENT if n in given)
+        said["full_attention_layers"] = f"{flags} (full-attention layers {layers})"
 
     merged = {**recorded, **given}
     for name in SHAPE_FIELDS + EXTENSION_FIELDS:

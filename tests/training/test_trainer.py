@@ -187,8 +187,8 @@ def test_resume_takes_the_model_from_the_checkpoint(trained, tmp_path, capsys):
     # A resume continues the same run: length-extension settings need --finetune.
     (["--rotary-base", "500000"], "--rotary-base 500000 disagrees with the checkpoint's 20000 .*--finetune"),
     (["--seq-length", "64"], "--seq-length 64 disagrees with the checkpoint's 32"),
-    (["--full-attention-placement", "bottom"], r"--full-attention-placement bottom disagrees with "
-                                               r"the checkpoint's \[2\]"),
+    (["--full-attention-placement", "bottom"], r"--full-attention-placement bottom \(full-attention "
+                                               r"layers \[0\]\) disagrees with the checkpoint's \[2\]"),
     (["--tensor-model-parallel-size", "5"], "does not divide the checkpoint's padded vocabulary of 384"),
 ])
 def test_flag_disagreeing_with_the_checkpoint_is_an_error(trained, extra, message, capsys):
