@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenFields
+from megatron_longgen.config import (ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenConfig,
+                                     LongGenFields)
 
 
 @dataclass
@@ -138,7 +139,7 @@ MODEL_FIELDS = (
 # One line per flag for --help; the default is appended by the parser.
 HELP: Dict[str, str] = {
     "model": "named model shape (tiny, llama2-7b, llama2-70b); a checkpoint under --load brings its own",
-    "seq_length": "tokens per training sequence",
+    "seq_length": "tokens per training sequence (a resume keeps the checkpoint's)",
     "vocab_size": "vocabulary size before padding to a multiple of 128 x TP",
     "tensor_model_parallel_size": "tensor-parallel size: GPUs that split every layer's matrices",
     "pipeline_model_parallel_size": "pipeline-parallel size: stages the layers are divided into",
@@ -201,11 +202,26 @@ HELP: Dict[str, str] = {
     "num_attention_heads": "attention (query) heads",
     "num_query_groups": "key/value heads (GQA groups)",
     "ffn_hidden_size": "width of the SwiGLU MLP",
-    "kv_channels": "width of one attention head (unset: hidden size / heads)",
+    "kv_channels": "width of one attention head (a preset's is hidden size / heads)",
     "layernorm_epsilon": "RMSNorm epsilon",
 }
-# Settings left unset come from the checkpoint under --load, else from the preset / LongGenConfig.
-_UNSET_DEFAULT = "the --load checkpoint's, else the --model preset's"
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """The default --help shows. Model settings left unset come from the checkpoint under
+    --load, else from the preset (shape) or LongGenConfig (the LongGen fields)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is not None or f.name not in MODEL_FIELDS + ("vocab_size",):
+        return str(default)
+    if f.name == "core_attention_backend":  # how to run, not what the model is
+        return LongGenConfig.core_attention_backend
+    longgen = {g.name for g in dataclasses.fields(LongGenFields)} | {"rotary_base"}
+    fallback = getattr(LongGenConfig, f.name) if f.name in longgen else None
+    if fallback is None:
+        fallback = "the placement's" if f.name == "full_attention_layers" else "the --model preset's"
+    elif isinstance(fallback, float):
+        fallback = f"{fallback:g}"
+    return f"the --load checkpoint's, else {fallback}"
 
 _CHOICES = {
     "sparse_attention": SPARSE_PATTERNS,
@@ -258,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = int
         if f.name in _CHOICES:
             kwargs["choices"] = _CHOICES[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if default is None and (f.name in MODEL_FIELDS or f.name == "vocab_size"):
-            default = _UNSET_DEFAULT
-        kwargs["help"] = f"{HELP[f.name]} (default: {default})"
+        kwargs["help"] = f"{HELP[f.name]} (default: {_default_text(f)})"
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
 

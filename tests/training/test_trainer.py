@@ -223,6 +223,8 @@ def test_every_flag_has_help():
     for action in build_parser()._actions:
         text = (action.help or "").split("(default")[0].strip()
         assert len(text.split()) >= 2, f"{action.option_strings} has no help"
+        if action.dest not in ("help", "config"):
+            assert "(default: " in action.help, f"{action.option_strings} hides its default"
 
 
 def test_resave_of_an_iteration_never_loses_latest(trained, tmp_path, monkeypatch):
