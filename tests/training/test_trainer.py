@@ -169,6 +169,7 @@ def test_resume_takes_the_model_from_the_checkpoint(trained, tmp_path, capsys):
     assert (train.num_layers, train.hidden_size, train.kv_channels, train.vocab_size) == (3, 32, 16, 300)
     assert (train.layernorm_epsilon, train.rotary_base) == (1e-6, 20000)
     assert (train.sliding_window_size, train.sink_tokens, train.full_attention_layers) == (8, 2, [2])
+    assert parse_args(run_flags("--load", f"{trained}/iter_0000002")).num_layers == 3  # one iteration
     trainer = Trainer(train)
     assert trainer.iteration == 2 and trainer.config.layernorm_epsilon == 1e-6
     assert trainer.config.kv_channels == 16 and trainer.config.full_layer_indices == (2,)
