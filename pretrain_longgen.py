@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_longgen.train import main
+from megatron_longgen.train import cli_main
 
 if __name__ == "__main__":  # required: checkpoint saving starts worker processes
-    main(sys.argv[1:])
+    sys.exit(cli_main(sys.argv[1:]))

@@ -15,7 +15,8 @@ from megatron_longgen.data.datasets import DataConfig, build_train_valid_dataset
 from megatron_longgen.data.tokenizer import build_tokenizer
 from megatron_longgen.training.arguments import TrainConfig, parse_args
 from megatron_longgen.training.setup import initialize_for
-from megatron_longgen.training.trainer import Trainer, TrainResult
+from megatron_longgen.training.trainer import Trainer, TrainResult, stage
+from megatron_longgen.utils.cli import run_main
 
 
 def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
@@ -57,12 +58,21 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
 
     train = parse_args(argv)
     initialize_for(train)  # the dataset builder coordinates ranks through torch.distributed
-    train, datasets, eod_id = build_datasets(train)
+    with stage("building the datasets"):
+        train, datasets, eod_id = build_datasets(train)
     try:
         return Trainer(train, datasets=datasets, eod_id=eod_id).fit()
     finally:
         destroy_parallel()
 
 
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: exit status 0, or ``USAGE_ERROR`` with one ``error:`` line."""
+    def train_only(args) -> None:  # the TrainResult is for callers in Python
+        main(args)
+
+    return run_main(train_only, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli_main(sys.argv[1:]))

@@ -135,10 +135,6 @@ def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
     """Convert ``opts.hf_dir`` into a trainer checkpoint at ``opts.megatron_dir``."""
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
     record, weights = _hf_record(opts.hf_dir, opts.longgen, opts.dtype, tp, pp)
-    if record.shape.rms_norm_eps != 1e-5:
-        print(f"note: rms_norm_eps={record.shape.rms_norm_eps:g} is recorded in "
-              f"{os.path.basename(opts.megatron_dir)}/longgen_config.json; the trainer's Llama "
-              "presets use 1e-5", file=sys.stderr)
     model = _megatron_model_from_hf(record, weights)
     with staged_output(opts.megatron_dir, opts.overwrite) as tmp:
         if opts.verify:

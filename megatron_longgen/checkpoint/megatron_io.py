@@ -9,6 +9,7 @@ is exactly what ``--load`` reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Dict, Optional
 
@@ -23,6 +24,7 @@ from megatron_longgen.config import LongGenConfig, longgen_fields
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
 from megatron_longgen.training import checkpointing
+from megatron_longgen.utils.cli import UsageError
 
 EMBED_KEY = "embedding.word_embeddings.weight"
 
@@ -70,25 +72,19 @@ def save(model, root: str) -> str:
     return checkpointing.save_checkpoint(root, 0, [model], None, None, consumed_samples=0)
 
 
-def checkpoint_dir(root: str, iteration: Optional[int]) -> str:
-    if os.path.isfile(os.path.join(root, "metadata.json")):
-        return root
-    it = iteration if iteration is not None else checkpointing.read_latest_iteration(root)
-    if it is None:
-        raise ConversionError(f"no checkpoint in {root}: neither {checkpointing.TRACKER} nor metadata.json")
-    path = checkpointing.checkpoint_name(root, it)
-    if not os.path.isdir(path):
-        raise ConversionError(f"checkpoint {path} does not exist")
-    return path
-
-
 def _saved_tensor_meta(path: str) -> Dict[str, object]:
     return dist_checkpointing.load_tensors_metadata(path)
 
 
 def record_for(root: str, iteration: Optional[int]) -> CheckpointRecord:
-    """The record of a converted checkpoint, or one rebuilt from a trainer checkpoint's flags."""
-    path = checkpoint_dir(root, iteration)
+    """What the checkpoint under ``root`` is: its record (inside the iteration's directory, as
+    the trainer writes it, or beside it, as the converter does), or, for a trainer checkpoint
+    older than records, one rebuilt from its saved flags. Padded vocabulary and dtype are read
+    from the saved tensors."""
+    try:
+        path = checkpointing.checkpoint_dir(root, iteration)
+    except UsageError as err:  # the converters' and tools' error type
+        raise ConversionError(str(err)) from err
     meta = _saved_tensor_meta(path)
     if EMBED_KEY not in meta:
         raise ConversionError(f"{path} holds no {EMBED_KEY}; is it a LongGen/GPT checkpoint?")
@@ -96,7 +92,8 @@ def record_for(root: str, iteration: Optional[int]) -> CheckpointRecord:
     dtype = {v: k for k, v in DTYPES.items()}.get(embed.dtype)
     if dtype is None:
         raise ConversionError(f"unsupported checkpoint dtype {embed.dtype}")
-    record = CheckpointRecord.load(root) or CheckpointRecord.load(os.path.dirname(path))
+    record = (CheckpointRecord.load(path) or CheckpointRecord.load(root)
+              or CheckpointRecord.load(os.path.dirname(path)))
     if record is None:
         record = _record_from_trainer(path)
     record.padded_vocab_size = int(embed.global_shape[0])  # as saved, whatever TP padded it
@@ -107,29 +104,51 @@ def record_for(root: str, iteration: Optional[int]) -> CheckpointRecord:
     return record
 
 
+def saved_train_config(path: str) -> Optional[dict]:
+    """The trainer flags a trainer checkpoint directory saved (None for a converted one)."""
+    return dist_checkpointing.load_common_state_dict(path).get("train_config")
+
+
 def _record_from_trainer(path: str) -> CheckpointRecord:
     from megatron_longgen.training.arguments import TrainConfig
     from megatron_longgen.training.setup import model_config_from
 
-    common = dist_checkpointing.load_common_state_dict(path)
-    if "train_config" not in common:
+    saved = saved_train_config(path)
+    if saved is None:
         raise ConversionError(f"{path} has neither a longgen_config.json nor the trainer's train_config")
-    train = TrainConfig(**common["train_config"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     train.tensor_model_parallel_size = train.pipeline_model_parallel_size = 1
     train.virtual_pipeline_model_parallel_size, train.context_parallel_size = None, 1
     train.sequence_parallel, train.device = False, "cpu"
-    cfg = model_config_from(train)
-    preset = get_preset(train.model)
+    return record_from_training(model_config_from(train), train, padded_vocab_size=0)
+
+
+def record_from_training(config: LongGenConfig, train, padded_vocab_size: int,
+                         source: Optional[CheckpointRecord] = None) -> CheckpointRecord:
+    """The record of a model the trainer built from ``config``. ``source`` is the record of the
+    checkpoint it started from: its HF config, norm epsilon, tying and positions carry over, so
+    an export describes the model the source was, extended to the trained length."""
+    vocab = train.vocab_size or get_preset(train.model).vocab_size
+    positions = train.seq_length if source is None else max(source.shape.max_position_embeddings,
+                                                            train.seq_length)
     shape = LlamaShape(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-        head_dim=cfg.kv_channels, vocab_size=train.vocab_size or preset.vocab_size,
-        rms_norm_eps=cfg.layernorm_epsilon, rope_theta=cfg.rotary_base,
-        max_position_embeddings=train.seq_length, tie_word_embeddings=False)
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups, head_dim=config.kv_channels, vocab_size=vocab,
+        rms_norm_eps=config.layernorm_epsilon,
+        rope_theta=source.shape.rope_theta if source is not None else config.rotary_base,
+        max_position_embeddings=positions,
+        tie_word_embeddings=source is not None and source.shape.tie_word_embeddings)
     settings = LongGenSettings(
-        **{**longgen_fields(cfg), "full_attention_layers": list(cfg.full_layer_indices)},
-        rotary_base=cfg.rotary_base)
-    return CheckpointRecord(shape=shape, longgen=settings, padded_vocab_size=0)
+        **{**longgen_fields(config), "full_attention_layers": list(config.full_layer_indices)},
+        rotary_base=config.rotary_base)
+    return CheckpointRecord(
+        shape=shape, longgen=settings, padded_vocab_size=padded_vocab_size,
+        dtype="bf16" if train.bf16 else "fp32",
+        target_tensor_parallel_size=train.tensor_model_parallel_size,
+        target_pipeline_parallel_size=train.pipeline_model_parallel_size,
+        hf_config=dict(source.hf_config) if source is not None else {})
 
 
 def load(model, root: str, iteration: Optional[int]) -> None:

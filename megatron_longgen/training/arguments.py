@@ -1,8 +1,9 @@
 """Command-line flags of the trainer, named as Megatron names them, plus the LongGen flags.
 
 A YAML file (``--config``) may set the same keys (with dashes or underscores); flags given on
-the command line win. The result is two dataclasses: the model's ``LongGenConfig`` (built from
-a preset and the model flags) and the run's ``TrainConfig``.
+the command line win. With ``--load``, the checkpoint's model settings fill in the flags left
+out and check the ones given (``checkpoint_args.py``). The result is two dataclasses: the
+model's ``LongGenConfig`` (built from a preset and the model flags) and the run's ``TrainConfig``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron_longgen.config import (
     CROSS_ENTROPY_FUSION_IMPLS,
     PLACEMENTS,
     SPARSE_PATTERNS,
+    LongGenConfig,
     LongGenFields,
 )
 from megatron_longgen.utils.cli import fail
@@ -102,6 +104,8 @@ class TrainConfig:
     num_attention_heads: Optional[int] = None
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
+    kv_channels: Optional[int] = None
+    layernorm_epsilon: Optional[float] = None
 
     def validate(self, world_size: int, datasets_given: bool = False) -> None:
         """Impossible settings fail here, before any work starts, with the fix in the message.
@@ -143,7 +147,100 @@ MODEL_FIELDS = (
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "linear_cross_entropy_chunk_mb",
+    "kv_channels", "layernorm_epsilon",
 )
+
+# One line per flag for --help; the default is appended by the parser.
+HELP: Dict[str, str] = {
+    "model": "named model shape (tiny, llama2-7b, llama2-70b); a checkpoint under --load brings its own",
+    "seq_length": "tokens per training sequence (a resume keeps the checkpoint's)",
+    "vocab_size": "vocabulary size before padding to a multiple of 128 x TP",
+    "tensor_model_parallel_size": "tensor-parallel size: GPUs that split every layer's matrices",
+    "pipeline_model_parallel_size": "pipeline-parallel size: stages the layers are divided into",
+    "virtual_pipeline_model_parallel_size": "model chunks per pipeline stage (interleaved schedule)",
+    "context_parallel_size": "context-parallel size: GPUs that split every sequence",
+    "sequence_parallel": "shard norms and dropout along the sequence over the TP group (needs TP >= 2)",
+    "use_distributed_optimizer": "shard the optimizer state over the data-parallel ranks",
+    "micro_batch_size": "sequences per micro-batch on one data-parallel rank",
+    "global_batch_size": "sequences per optimizer step, over all data-parallel ranks",
+    "train_iters": "optimizer steps to train for (counted from iteration 0, also on resume)",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the decay",
+    "lr_warmup_iters": "steps of linear warm-up from 0 to --lr",
+    "lr_decay_iters": "steps of the decay to --min-lr (unset: --train-iters)",
+    "lr_decay_style": "shape of the learning-rate decay",
+    "weight_decay": "AdamW weight decay",
+    "adam_beta1": "Adam beta1",
+    "adam_beta2": "Adam beta2",
+    "adam_eps": "Adam epsilon",
+    "clip_grad": "clip the global gradient norm to this value",
+    "seed": "random seed of the weights, dropout and mock data",
+    "bf16": "train in bf16 with fp32 master weights",
+    "recompute_granularity": "activation recomputation: full layers or the attention core only",
+    "recompute_method": "with full recomputation: uniform chunks or the first N layers per stage",
+    "recompute_num_layers": "layers per recomputed chunk (uniform) or recomputed layers (block)",
+    "data_path": "dataset prefixes from tools/preprocess_data.py, 'W1 P1 W2 P2 ...', or a blend .json",
+    "mock_data": "train on random tokens (no --data-path needed)",
+    "split": "train,valid,test weights of each dataset",
+    "tokenizer_model": "tokenizer the data was made with (HF folder or SentencePiece model)",
+    "reset_position_ids": "restart position ids after every EOD token",
+    "reset_attention_mask": "keep attention inside each document (EOD-separated, packed THD)",
+    "eod_mask_loss": "no loss on EOD tokens",
+    "data_cache_path": "where the dataset index files are cached",
+    "save": "directory to save checkpoints to",
+    "load": "checkpoint directory to resume (or, with --finetune, start) from; its model settings are used",
+    "finetune": "load weights only and start at iteration 0; length-extension settings may change",
+    "save_interval": "save a checkpoint every N iterations (and always at the end)",
+    "exit_interval": "stop after iteration N (for jobs that must end before a time limit)",
+    "eval_interval": "validation loss every N iterations",
+    "eval_iters": "batches per validation",
+    "log_interval": "print and record metrics every N iterations",
+    "tensorboard_dir": "write TensorBoard scalars here",
+    "wandb_project": "log to this Weights & Biases project (needs wandb)",
+    "peak_tflops": "peak TFLOP/s per GPU for MFU (unset: known from the GPU name)",
+    "device": "cuda, or cpu (gloo) for tests",
+    "rotary_base": "RoPE base; length extension raises it (e.g. 10000 -> 500000 for 128K)",
+    "sparse_attention": "pattern of the sparse layers",
+    "sink_tokens": "AttnSink: leading tokens every query reads",
+    "sliding_window_size": "AttnSink: most recent tokens every query reads (itself included)",
+    "sparse_block_size": "BlockSparse: tokens per block (a power of two >= 16)",
+    "local_blocks": "BlockSparse: most recent key blocks each query block reads (its own included)",
+    "vert_stride": "BlockSparse: every N-th key block is read by all later query blocks",
+    "homo_head": "BlockSparse: the same vertical blocks for every head (else shifted per group)",
+    "full_attention_layers": "0-based indices of the full-attention layers; overrides the placement",
+    "full_attention_placement": "which layers keep full attention",
+    "full_attention_ratio": "fraction of the layers a named placement keeps full",
+    "core_attention_backend": "kernels that run the attention",
+    "num_layers": "transformer layers",
+    "hidden_size": "hidden size",
+    "num_attention_heads": "attention (query) heads",
+    "num_query_groups": "key/value heads (GQA groups)",
+    "ffn_hidden_size": "width of the SwiGLU MLP",
+    "kv_channels": "width of one attention head (a preset's is hidden size / heads)",
+    "layernorm_epsilon": "RMSNorm epsilon",
+    "cross_entropy_loss_fusion": "fused cross-entropy loss, of --cross-entropy-fusion-impl",
+    "cross_entropy_fusion_impl": "native: Megatron's fused vocab-parallel loss; te: "
+                                 "TransformerEngine's; linear: output layer and loss in "
+                                 "chunks of tokens, never the whole sequence's logits",
+    "linear_cross_entropy_chunk_mb": "linear: MiB of fp32 logits per chunk of tokens and TP rank",
+}
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """The default --help shows. Model settings left unset come from the checkpoint under
+    --load, else from the preset (shape) or LongGenConfig (the LongGen fields)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is not None or f.name not in MODEL_FIELDS + ("vocab_size",):
+        return str(default)
+    if f.name == "core_attention_backend":  # how to run, not what the model is
+        return LongGenConfig.core_attention_backend
+    longgen = {g.name for g in dataclasses.fields(LongGenFields)} | {"rotary_base"}
+    fallback = getattr(LongGenConfig, f.name) if f.name in longgen else None
+    if fallback is None:
+        fallback = "the placement's" if f.name == "full_attention_layers" else "the --model preset's"
+    elif isinstance(fallback, float):
+        fallback = f"{fallback:g}"
+    return f"the --load checkpoint's, else {fallback}"
 
 _CHOICES = {
     "sparse_attention": SPARSE_PATTERNS,
@@ -155,15 +252,6 @@ _CHOICES = {
     "cross_entropy_fusion_impl": CROSS_ENTROPY_FUSION_IMPLS,
 }
 
-_HELP = {
-    "cross_entropy_loss_fusion": "fused cross-entropy loss, of --cross-entropy-fusion-impl",
-    "cross_entropy_fusion_impl": "native: Megatron's fused vocab-parallel loss; te: "
-                                 "TransformerEngine's; linear: output layer and loss in "
-                                 "chunks of tokens, never the whole sequence's logits",
-    "linear_cross_entropy_chunk_mb": "linear: MiB of fp32 logits per chunk of tokens and TP rank",
-}
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -172,11 +260,11 @@ def add_longgen_arguments(group) -> None:
     """Flags for every LongGenFields field, with its default (for tools other than the
     trainer, whose flags default to the model preset's values)."""
     for f in dataclasses.fields(LongGenFields):
-        kwargs: Dict[str, Any] = {"default": f.default, "dest": f.name, "help": " "}
+        kwargs: Dict[str, Any] = {"default": f.default, "dest": f.name, "help": HELP[f.name]}
         if f.type in (bool, "bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "List[int]" in str(f.type):
-            kwargs.update(nargs="+", type=int, help="0-based; overrides the placement")
+            kwargs.update(nargs="+", type=int)
         else:
             kwargs["type"] = type(f.default)
         if f.name in _CHOICES:
@@ -188,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_longgen.py",
         description="LongGen length-extension training on Megatron-Core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with the same keys as these flags")
     for f in dataclasses.fields(TrainConfig):
@@ -206,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = int
         if f.name in _CHOICES:
             kwargs["choices"] = _CHOICES[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs["help"] = " ".join(filter(None, (_HELP.get(f.name), f"(default: {default})")))
+        kwargs["help"] = f"{HELP[f.name]} (default: {_default_text(f)})"
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
 
@@ -233,4 +319,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             values[f.name] = given
     if isinstance(values.get("data_path"), str):
         values["data_path"] = values["data_path"].split()
+    if values.get("load"):  # the checkpoint's model settings fill in (and check) the flags
+        from megatron_longgen.training.checkpoint_args import LoadedCheckpoint, merge_checkpoint_settings
+
+        values = merge_checkpoint_settings(values, LoadedCheckpoint.read(values["load"]))
     return TrainConfig(**values)

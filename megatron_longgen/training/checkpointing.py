@@ -2,8 +2,11 @@
 
 Layout: ``<dir>/iter_0000100/`` per checkpoint and ``<dir>/latest_checkpointed_iteration.txt``.
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed only once every rank has
-finished, and the tracker is replaced atomically afterwards, so a crash mid-save never
-leaves a corrupt "latest": the previous checkpoint stays the one that loads.
+finished, and the tracker is replaced atomically afterwards. Re-saving an iteration moves the
+old directory aside (``iter_XXXXXXX.old``) and removes it only once the new one is in place
+and tracked; a reader that finds the tracked directory missing (a crash between those two
+renames) takes the ``.old`` one. So whatever step a crash interrupts, the tracker names a
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from megatron_longgen.utils.cli import fail
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -34,8 +39,27 @@ def read_latest_iteration(root: str) -> Optional[int]:
         return None
     text = open(path).read().strip()
     if not text.isdigit():
-        raise RuntimeError(f"{path} is corrupt: expected an iteration number, found {text!r}")
+        fail(f"{path} is corrupt: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def checkpoint_dir(root: str, iteration: Optional[int] = None) -> str:
+    """The complete checkpoint directory ``root`` names: ``root`` itself if it is one, else
+    its ``iteration`` (default: the tracked one)."""
+    if os.path.isfile(os.path.join(root, "metadata.json")):
+        return root
+    iteration = iteration if iteration is not None else read_latest_iteration(root)
+    if iteration is None:
+        hint = ("it holds an HF model (config.json): convert it with tools/convert_hf_to_megatron.py"
+                if os.path.isfile(os.path.join(root, "config.json"))
+                else "give a directory the trainer or tools/convert_hf_to_megatron.py wrote")
+        fail(f"no checkpoint in {root}: neither {TRACKER} nor a checkpoint's metadata.json; {hint}")
+    path = checkpoint_name(root, iteration)
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        return path + ".old"  # a re-save of this iteration stopped between its two renames
+    if not os.path.isdir(path):
+        fail(f"checkpoint {path} does not exist")
+    return path
 
 
 def _layout() -> Dict[str, int]:
@@ -110,8 +134,9 @@ def _sharded_state_dict(model, optimizer, scheduler, *, iteration, consumed_samp
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
-                    consumed_samples: int, train_config=None) -> str:
-    """Write ``iter_<iteration>`` under ``root`` atomically; returns its path."""
+                    consumed_samples: int, train_config=None, record=None) -> str:
+    """Write ``iter_<iteration>`` under ``root`` atomically (with ``record``, the checkpoint's
+    ``longgen_config.json``, inside it); returns its path."""
     final = checkpoint_name(root, iteration)
     tmp = final + ".tmp"
     rank = dist.get_rank()
@@ -126,16 +151,33 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as fh:
-            fh.write(str(iteration))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        if record is not None:
+            record.save(tmp, os.path.abspath(root))
+        _publish(root, iteration, tmp, final)
     dist.barrier()
     return final
+
+
+def _publish(root: str, iteration: int, tmp: str, final: str) -> None:
+    """Rename the complete ``tmp`` to ``final`` and track it, never leaving the tracker on a
+    missing directory (see the module docstring)."""
+    old = final + ".old"
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)  # stale: ``final`` is complete
+        os.replace(final, old)
+    # Else an ``old`` left by a crash is the only copy of this iteration: kept until replaced.
+    os.replace(tmp, final)
+    _write_tracker(root, iteration)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as fh:
+        fh.write(str(iteration))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
 
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, *, finetune: bool = False,
@@ -145,15 +187,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, *, finetun
     ``finetune`` loads model weights only and starts from iteration 0. Returns
     ``{"iteration", "consumed_samples"}``.
     """
-    path = root
-    if not os.path.isfile(os.path.join(root, "metadata.json")):
-        iteration = iteration if iteration is not None else read_latest_iteration(root)
-        if iteration is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {root}: neither {TRACKER} nor a checkpoint's metadata.json")
-        path = checkpoint_name(root, iteration)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = checkpoint_dir(root, iteration)
     if finetune:
         template = _model_sharded_state_dict(model)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -12,9 +13,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_longgen.checkpoint.megatron_io import record_from_training
+from megatron_longgen.checkpoint.record import CheckpointRecord
 from megatron_longgen.parallel.context_parallel import shard_batch_for_context_parallel
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import TrainConfig
+from megatron_longgen.training.checkpoint_args import LoadedCheckpoint
 from megatron_longgen.data.datasets import iterate_batches
 from megatron_longgen.training.batches import RandomTokenDataset, packed_seq_params_from_eod
 from megatron_longgen.training.flops import training_flops_per_sequence
@@ -27,6 +31,16 @@ from megatron_longgen.training.setup import (
     vocab_size_for,
 )
 from megatron_longgen.utils.accelerators import describe
+
+
+@contextmanager
+def stage(what: str):
+    """A start-up stage on rank 0: ``<what> ...`` before, ``<what>: done (N s)`` after, so a
+    long start (a 70B model, a 128K index) is never silent."""
+    print_rank0(f"{what} ...")
+    start = time.time()
+    yield
+    print_rank0(f"{what}: done ({time.time() - start:.1f} s)")
 
 
 @dataclass
@@ -89,22 +103,28 @@ class Trainer:
         # Before any model is built: flags, data and the parallel layout.
         train.validate(dist.get_world_size(), datasets_given=datasets is not None)
         self.config = model_config_from(train)
-        self.vocab_size = vocab_size_for(train)
-        self.model = build_model(self.config, train, self.vocab_size)
-        self.optimizer, self.scheduler = build_optimizer(self.config, train, self.model)
+        # What --load holds; parse_args already took its model settings into ``train``.
+        self.loaded = LoadedCheckpoint.read(train.load) if train.load else None
+        # The embedding keeps a loaded checkpoint's padded rows, whatever TP padded them.
+        self.vocab_size = self.loaded.record.padded_vocab_size if self.loaded else vocab_size_for(train)
+        with stage(f"building the model ({self.config.num_layers} layers)"):
+            self.model = build_model(self.config, train, self.vocab_size)
+            self.optimizer, self.scheduler = build_optimizer(self.config, train, self.model)
         self.eod_id = eod_id if train.reset_attention_mask else None
         self.train_ds, self.valid_ds = datasets if datasets is not None else self._mock_datasets()
         self.iteration, self.consumed_samples = 0, 0
         if train.load:
-            state = checkpointing.load_checkpoint(train.load, self.model, self.optimizer,
-                                                  self.scheduler, finetune=train.finetune)
+            with stage(f"loading {self.loaded.path}" + (" (weights only)" if train.finetune else "")):
+                state = checkpointing.load_checkpoint(train.load, self.model, self.optimizer,
+                                                      self.scheduler, finetune=train.finetune)
             self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
             print_rank0(f"loaded {train.load} at iteration {self.iteration}"
                         + (" (weights only)" if train.finetune else ""))
         self.flops_per_sequence = training_flops_per_sequence(self.config, train.seq_length, self.vocab_size)
         full = self.config.full_layer_indices
         print_rank0(
-            f"LongGen {train.model}: {self.config.num_layers} layers, full attention at {list(full)}, "
+            f"LongGen {'from ' + self.loaded.path if self.loaded else train.model}: "
+            f"{self.config.num_layers} layers, full attention at {list(full)}, "
             f"others {self.config.sparse_attention} | world {dist.get_world_size()} "
             f"(TP {train.tensor_model_parallel_size}, PP {train.pipeline_model_parallel_size}, "
             f"CP {train.context_parallel_size}, DP {parallel_state.get_data_parallel_world_size()}) | "
@@ -167,10 +187,19 @@ class Trainer:
         losses = [x for x in losses if x is not None]
         return sum(losses) / len(losses) if losses else None
 
+    def record(self) -> CheckpointRecord:
+        """What a checkpoint of this run is, for ``--load`` and the export to HF."""
+        return record_from_training(self.config, self.train, self.vocab_size,
+                                    source=self.loaded.record if self.loaded else None)
+
     def save(self) -> str:
-        return checkpointing.save_checkpoint(
+        start = time.time()
+        path = checkpointing.save_checkpoint(
             self.train.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            self.consumed_samples, self.train)
+            self.consumed_samples, self.train, record=self.record())
+        print_rank0(f"saved checkpoint {path} at iteration {self.iteration} "
+                    f"({time.time() - start:.1f} s)")
+        return path
 
     def fit(self) -> TrainResult:
         train = self.train

@@ -13,13 +13,14 @@ SHAPES = {
 VOCAB = 300  # not a multiple of 128: exercises padding and trimming
 
 
-def make_hf_model(path, kind="gqa", layers=4, max_shard_size="150KB", seed=0, tie=False, bin_format=False):
+def make_hf_model(path, kind="gqa", layers=4, max_shard_size="150KB", seed=0, tie=False, bin_format=False,
+                  rms_norm_eps=1e-5):
     """Save a random LlamaForCausalLM; weights drawn wider than the default init so that
     logits are O(1) and a wrong mapping cannot hide under tiny numbers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, rms_norm_eps=1e-5,
+    cfg = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=layers, rms_norm_eps=rms_norm_eps,
                       max_position_embeddings=256, tie_word_embeddings=tie, rope_theta=10000.0,
                       initializer_range=0.1, **SHAPES[kind])
     model = LlamaForCausalLM(cfg).eval()

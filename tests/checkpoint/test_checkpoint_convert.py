@@ -19,6 +19,7 @@ from megatron_longgen.checkpoint import layout, megatron_io
 from megatron_longgen.checkpoint.convert import load_hf_export
 from megatron_longgen.checkpoint.record import LongGenSettings
 from megatron_longgen.training import checkpointing
+from megatron_longgen.utils.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_FULL = LongGenSettings(full_attention_placement="all")
@@ -157,14 +158,44 @@ def test_trainer_finetunes_from_a_converted_checkpoint(megatron_cpu, hf_models, 
     assert trainer.config.rotary_base == record.rotary_base
 
 
-def test_export_of_a_trainer_checkpoint(megatron_cpu, tmp_path):
-    """A checkpoint written by the trainer (no longgen_config.json) exports from its flags."""
+def test_train_and_export_keep_what_the_source_recorded(megatron_cpu, tmp_path):
+    """HF -> Megatron -> train with --load --finetune and only length-extension flags -> HF:
+    the trainer builds the recorded model (not the defaults) and the export keeps the source's
+    norm epsilon, positions and token ids."""
+    from megatron_longgen.training.arguments import parse_args
+    from megatron_longgen.training.trainer import Trainer
+
+    make_hf_model(tmp_path / "hf", "mha", layers=3, rms_norm_eps=1e-6)
+    convert(tmp_path / "hf", tmp_path / "mg", settings=SINK)
+    trainer = Trainer(parse_args([
+        "--load", str(tmp_path / "mg"), "--finetune", "--rotary-base", "40000", "--seq-length", "32",
+        "--device", "cpu", "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
+        "--train-iters", "1", "--save", str(tmp_path / "trained")]))
+    with pytest.raises(UsageError, match="holds weights only .*add --finetune"):
+        parse_args(["--load", str(tmp_path / "mg"), "--mock-data"])  # a resume needs a trainer's
+    c = trainer.config
+    assert (c.num_layers, c.hidden_size, c.ffn_hidden_size, c.layernorm_epsilon) == (3, 64, 112, 1e-6)
+    assert (c.sliding_window_size, c.sink_tokens, c.rotary_base) == (12, 2, 40000)
+    assert trainer.vocab_size == 384
+    trainer.fit()
+    export(tmp_path / "trained", tmp_path / "out", verify=True, verify_seq_length=40,
+           verify_tolerance=1e-4)
+    source, out = read_json(tmp_path / "hf" / "config.json"), read_json(tmp_path / "out" / "config.json")
+    assert (out["rms_norm_eps"], out["max_position_embeddings"]) == (1e-6, 256)
+    assert (out["sliding_window_size"], out["sink_tokens"]) == (12, 2)
+    assert out["full_attention_layers"] == [1] and out["rope_parameters"]["rope_theta"] == 40000
+    assert (out["bos_token_id"], out["eos_token_id"]) == (source["bos_token_id"], source["eos_token_id"])
+
+
+def test_export_of_a_trainer_checkpoint_without_a_record(megatron_cpu, tmp_path):
+    """An older trainer checkpoint (no longgen_config.json) exports from its saved flags."""
     from megatron_longgen.training.arguments import parse_args
     from megatron_longgen.training.trainer import Trainer
 
     Trainer(parse_args(["--device", "cpu", "--mock-data", "--seq-length", "32", "--train-iters", "1",
                         "--micro-batch-size", "1", "--global-batch-size", "1", "--sink-tokens", "2",
                         "--sliding-window-size", "8", "--save", str(tmp_path / "ckpt")])).fit()
+    os.remove(tmp_path / "ckpt" / "iter_0000001" / "longgen_config.json")
     record = export(tmp_path / "ckpt", tmp_path / "hf", verify=True, verify_seq_length=40,
                     verify_tolerance=1e-4)
     assert record.shape.num_layers == 6 and record.longgen.sliding_window_size == 8

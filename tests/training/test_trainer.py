@@ -11,6 +11,7 @@ import torch
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import parse_args
 from megatron_longgen.training.trainer import Trainer
+from megatron_longgen.utils.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,8 +129,145 @@ def test_bad_flags_and_config(tmp_path, capsys):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        Trainer(parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none"))))
+    with pytest.raises(UsageError, match="no checkpoint .*the trainer or tools/convert_hf_to_megatron"):
+        parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none")))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="HF model .*convert it with tools/convert_hf_to_megatron.py"):
+        parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "hf"), "--finetune"))
+
+
+# ---------------------------------------------------------------- checkpoints carry their settings
+
+# A model unlike the defaults in every setting the record carries.
+RECORDED = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--num-query-groups", "2", "--ffn-hidden-size", "64", "--kv-channels", "16",
+            "--layernorm-epsilon", "1e-6", "--vocab-size", "300", "--rotary-base", "20000",
+            "--full-attention-placement", "top"]
+
+
+def run_flags(*extra):
+    """Flags of a run, none of them a model setting."""
+    return ["--device", "cpu", "--mock-data", "--seq-length", "32", "--micro-batch-size", "1",
+            "--global-batch-size", "1", "--lr-warmup-iters", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trainer checkpoint at iteration 2 of a model set entirely by flags."""
+    ckpt = str(tmp_path_factory.mktemp("trained") / "ckpt")
+    run(run_flags("--train-iters", "2", "--sliding-window-size", "8", "--sink-tokens", "2",
+                  "--save", ckpt, *RECORDED))
+    return ckpt
+
+
+def test_resume_takes_the_model_from_the_checkpoint(trained, tmp_path, capsys):
+    """--load alone rebuilds the recorded model (it used to build the defaults and fail with
+    Megatron's "Global shape mismatch")."""
+    assert os.path.isfile(os.path.join(trained, "iter_0000002", "longgen_config.json"))
+    train = parse_args(run_flags("--train-iters", "3", "--load", trained, "--save", str(tmp_path / "c")))
+    assert (train.num_layers, train.hidden_size, train.kv_channels, train.vocab_size) == (3, 32, 16, 300)
+    assert (train.layernorm_epsilon, train.rotary_base) == (1e-6, 20000)
+    assert (train.sliding_window_size, train.sink_tokens, train.full_attention_layers) == (8, 2, [2])
+    assert parse_args(run_flags("--load", f"{trained}/iter_0000002")).num_layers == 3  # one iteration
+    trainer = Trainer(train)
+    assert trainer.iteration == 2 and trainer.config.layernorm_epsilon == 1e-6
+    assert trainer.config.kv_channels == 16 and trainer.config.full_layer_indices == (2,)
+    result = trainer.fit()
+    assert sorted(result.losses) == [3]
+    out = capsys.readouterr().out
+    assert "building the model (3 layers) ..." in out and f"loading {trained}/iter_0000002" in out
+    assert f"saved checkpoint {tmp_path / 'c'}/iter_0000003 at iteration 3 (" in out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-layers", "4"], "--num-layers 4 disagrees with the checkpoint's 3 "),
+    (["--layernorm-epsilon", "1e-5"], "--layernorm-epsilon 1e-05 disagrees with the checkpoint's 1e-06"),
+    (["--model", "llama2-7b"], r"--model llama2-7b \(num_layers 32\) disagrees with the checkpoint's 3"),
+    (["--finetune", "--hidden-size", "64"], "--hidden-size 64 disagrees"),  # shapes never change
+    # A resume continues the same run: length-extension settings need --finetune.
+    (["--rotary-base", "500000"], "--rotary-base 500000 disagrees with the checkpoint's 20000 .*--finetune"),
+    (["--seq-length", "64"], "--seq-length 64 disagrees with the checkpoint's 32"),
+    (["--full-attention-placement", "bottom"], r"--full-attention-placement bottom \(full-attention "
+                                               r"layers \[0\]\) disagrees with the checkpoint's \[2\]"),
+    (["--tensor-model-parallel-size", "5"], "does not divide the checkpoint's padded vocabulary of 384"),
+])
+def test_flag_disagreeing_with_the_checkpoint_is_an_error(trained, extra, message, capsys):
+    from megatron_longgen.train import cli_main
+
+    before = sorted(os.listdir(trained))
+    with pytest.raises(UsageError, match=message) as err:
+        parse_args(run_flags("--load", trained, *extra))
+    assert f"(from {trained}/iter_0000002)" in str(err.value)
+    assert cli_main(run_flags("--load", trained, "--save", trained, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert sorted(os.listdir(trained)) == before  # nothing written
+
+
+def test_finetune_may_change_the_length_extension_settings(trained, capsys):
+    train = parse_args(run_flags("--load", trained, "--finetune", "--rotary-base", "500000",
+                                 "--seq-length", "64", "--full-attention-placement", "bottom",
+                                 "--sliding-window-size", "8", "--num-layers", "3"))
+    assert (train.rotary_base, train.seq_length, train.full_attention_layers) == (500000, 64, [0])
+    assert train.num_layers == 3 and train.sliding_window_size == 8  # agreeing flags are fine
+    out = capsys.readouterr().out.splitlines()
+    assert "changed: rotary_base 20000 -> 500000" in out
+    assert "changed: seq_length 32 -> 64" in out
+    assert "changed: full_attention_layers [2] -> [0]" in out
+    assert not any("sliding_window_size" in line for line in out)
+
+
+def test_every_flag_has_help():
+    from megatron_longgen.training.arguments import build_parser
+
+    for action in build_parser()._actions:
+        text = (action.help or "").split("(default")[0].strip()
+        assert len(text.split()) >= 2, f"{action.option_strings} has no help"
+        if action.dest not in ("help", "config"):
+            assert "(default: " in action.help, f"{action.option_strings} hides its default"
+
+
+def test_resave_of_an_iteration_never_loses_latest(trained, tmp_path, monkeypatch):
+    """Re-saving iteration 2 moves the old directory aside; a crash at any step leaves the
+    tracker on a complete checkpoint (the old one until the new one is in place)."""
+    import shutil
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(trained, ckpt)
+    trainer = Trainer(parse_args(run_flags("--train-iters", "2", "--load", ckpt, "--save", ckpt)))
+    final = checkpointing.checkpoint_name(ckpt, 2)
+
+    def loads():
+        return checkpointing.load_checkpoint(ckpt, trainer.model, trainer.optimizer,
+                                             trainer.scheduler)["consumed_samples"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("node lost")
+
+    real_replace = os.replace
+    trainer.consumed_samples = 100  # tells the new save from the old one (2 samples)
+    # 1. crash between moving the old iter_0000002 aside and renaming the new one into place
+    monkeypatch.setattr(checkpointing.os, "replace",
+                        lambda src, dst: crash() if src.endswith(".tmp") and dst == final
+                        else real_replace(src, dst))
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.save()
+    monkeypatch.undo()
+    assert not os.path.exists(final) and checkpointing.read_latest_iteration(ckpt) == 2
+    assert loads() == 2  # the tracked iteration is read from iter_0000002.old
+    # 2. the next save finds only the .old copy: keeps it until the new one is in place
+    trainer.consumed_samples = 101
+    monkeypatch.setattr(checkpointing, "_write_tracker", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.save()
+    monkeypatch.undo()
+    assert loads() == 101
+    # 3. a clean save leaves one directory per iteration
+    trainer.consumed_samples = 102
+    trainer.save()
+    assert loads() == 102
+    assert sorted(p for p in os.listdir(ckpt) if p.startswith("iter_")) == ["iter_0000002"]
 
 
 def test_launcher_runs_two_ranks_on_cpu():
