@@ -19,7 +19,7 @@ from megatron_longgen.attention.patterns import CausalPattern
 from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.checkpoint.hf_files import LlamaShape
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
-from megatron_longgen.config import LongGenConfig, longgen_fields
+from megatron_longgen.config import LongGenConfig, longgen_fields, with_unrecorded_fields
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
 from megatron_longgen.training import checkpointing
@@ -114,7 +114,7 @@ def _record_from_trainer(path: str) -> CheckpointRecord:
     common = dist_checkpointing.load_common_state_dict(path)
     if "train_config" not in common:
         raise ConversionError(f"{path} has neither a longgen_config.json nor the trainer's train_config")
-    train = TrainConfig(**common["train_config"])
+    train = TrainConfig(**with_unrecorded_fields(common["train_config"]))
     train.tensor_model_parallel_size = train.pipeline_model_parallel_size = 1
     train.virtual_pipeline_model_parallel_size, train.context_parallel_size = None, 1
     train.sequence_parallel, train.device = False, "cpu"

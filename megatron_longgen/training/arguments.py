@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenFields
+from megatron_longgen.config import VERT_STRIDE_RULES
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainConfig:
     local_blocks: Optional[int] = None
     vert_stride: Optional[int] = None
     homo_head: Optional[bool] = None
+    vert_stride_rule: Optional[str] = None
     full_attention_layers: Optional[List[int]] = None
     full_attention_placement: Optional[str] = None
     full_attention_ratio: Optional[float] = None
@@ -126,13 +128,14 @@ class TrainConfig:
 
 MODEL_FIELDS = (
     "rotary_base", "sparse_attention", "sink_tokens", "sliding_window_size", "sparse_block_size",
-    "local_blocks", "vert_stride", "homo_head", "full_attention_layers",
+    "local_blocks", "vert_stride", "homo_head", "vert_stride_rule", "full_attention_layers",
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
 )
 
 _CHOICES = {
     "sparse_attention": SPARSE_PATTERNS,
+    "vert_stride_rule": VERT_STRIDE_RULES,
     "full_attention_placement": PLACEMENTS,
     "core_attention_backend": ATTENTION_BACKENDS,
     "recompute_granularity": ("full", "selective"),
