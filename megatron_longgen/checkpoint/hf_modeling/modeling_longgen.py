@@ -95,15 +95,20 @@ def _head_offsets(config, device) -> torch.Tensor:
 
 
 _BLOCK_MASKS = {}
+_PATTERN_FIELDS = ("sparse_attention", "sink_tokens", "sliding_window_size", "sparse_block_size",
+                   "local_blocks", "vert_stride", "homo_head", "vert_stride_rule",
+                   "num_attention_heads", "num_key_value_heads")
 
 
 def flex_sparse_attention(config, query, key, value, scale: float, compile: bool = True):
     """The sparse layer through FlexAttention: q [b, h, q_len, d] at the last q_len positions
-    of k [b, h_kv, k_len, d]. Block masks are cached per (lengths, device)."""
+    of k [b, h_kv, k_len, d]. Block masks are cached per (pattern, lengths, device)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     q_len, k_len, heads = query.shape[2], key.shape[2], query.shape[1]
-    cache_key = (q_len, k_len, heads, str(query.device), compile)
+    # The cache is shared by every model in the process: key it by the pattern too.
+    pattern = tuple(getattr(config, name) for name in _PATTERN_FIELDS)
+    cache_key = (pattern, q_len, k_len, heads, str(query.device), compile)
     if cache_key not in _BLOCK_MASKS:
         offset_q = k_len - q_len
         head_offsets = _head_offsets(config, query.device)
