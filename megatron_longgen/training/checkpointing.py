@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -20,6 +20,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+
+from megatron_longgen.config import LongGenFields, with_unrecorded_fields
+from megatron_longgen.utils.cli import fail
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -138,6 +141,22 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     return final
 
 
+def check_same_vertical_blocks(saved_train_config: Optional[dict], config, path: str) -> None:
+    """A resumed run keeps the BlockSparse vertical blocks it was trained with; runs saved
+    before ``vert_stride_rule`` was recorded trained with ``legacy``."""
+    if saved_train_config is None or config.sparse_attention != "block_sparse":
+        return
+    saved = (with_unrecorded_fields(saved_train_config)["vert_stride_rule"]
+             or LongGenFields.vert_stride_rule)
+    now = config.sparse_pattern()
+    was = replace(now, vert_stride_rule=saved)
+    if was.vert_period != now.vert_period or not torch.equal(was.head_offsets(None),
+                                                             now.head_offsets(None)):
+        fail(f"{path} was trained with --vert-stride-rule {saved}, this run uses "
+             f"{config.vert_stride_rule}: pass --vert-stride-rule {saved} to resume it "
+             "(or --finetune to start a new run from its weights)")
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, *, finetune: bool = False,
                     iteration: Optional[int] = None) -> Dict[str, int]:
     """Load the latest (or given) checkpoint under ``root`` (or ``root`` itself if it is one).
@@ -159,7 +178,9 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, *, finetun
     else:
         template = _sharded_state_dict(model, optimizer, scheduler, iteration=0,
                                        consumed_samples=0, train_config=None, is_loading=True)
-        saved_layout = dist_checkpointing.load_common_state_dict(path).get("layout")
+        common = dist_checkpointing.load_common_state_dict(path)
+        check_same_vertical_blocks(common.get("train_config"), unwrap_model(model[0]).config, path)
+        saved_layout = common.get("layout")
         if saved_layout != _layout():  # RNG streams belong to one layout
             template.pop("rng_state")
     state = dist_checkpointing.load(template, path)
