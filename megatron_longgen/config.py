@@ -148,6 +148,12 @@ class LongGenConfig(TransformerConfig, LongGenFields):
             fail(f"vert_stride must be >= 1, got {self.vert_stride}")
         if self.vert_stride_rule not in VERT_STRIDE_RULES:
             fail(f"vert_stride_rule must be one of {VERT_STRIDE_RULES}, got {self.vert_stride_rule!r}")
+        if (self.sparse_attention == "block_sparse" and not self.homo_head
+                and self.vert_stride_rule == "cover" and self.num_query_groups == 1
+                and self.vert_stride > 1):
+            fail("block_sparse with one query group, heterogeneous heads and vert_stride_rule "
+                 "'cover' reads every key block (full attention); set homo_head to read every "
+                 f"vert_stride={self.vert_stride}-th block")
         if self.full_attention_placement not in PLACEMENTS:
             fail(
                 f"full_attention_placement must be one of {PLACEMENTS}, "

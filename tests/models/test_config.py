@@ -74,6 +74,14 @@ def test_bad_values_raise_clear_errors(field, value, message):
         longgen_config("tiny", **{field: value})
 
 
+def test_one_query_group_cannot_cover_blocks_sparsely():
+    sparse = dict(sparse_attention="block_sparse", num_query_groups=1)
+    with pytest.raises(ValueError, match="one query group.*set homo_head"):
+        longgen_config("tiny", **sparse)
+    assert longgen_config("tiny", homo_head=True, **sparse).sparse_pattern().vert_period == 8
+    assert longgen_config("tiny", vert_stride_rule="legacy", **sparse).sparse_pattern().vert_period == 8
+
+
 def test_presets_shapes():
     assert PRESETS["llama2-7b"].num_layers == 32 and PRESETS["llama2-70b"].num_query_groups == 8
     with pytest.raises(ValueError, match="unknown model preset"):
