@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longgen.attention.patterns import (
+    VERT_STRIDE_RULES,
     AttnSinkPattern,
     BlockSparsePattern,
     CausalPattern,
@@ -79,11 +80,18 @@ class LongGenFields:
     """BlockSparse: most recent key blocks each query block reads (its own included)."""
 
     vert_stride: int = 8
-    """BlockSparse: every ``vert_stride``-th key block is read by all later query blocks."""
+    """BlockSparse: a head reads one key block in every ``vert_stride`` (besides its local
+    blocks), or more with ``vert_stride_rule=cover`` and fewer query groups."""
 
     homo_head: bool = False
     """BlockSparse: True gives every head the same vertical blocks; False shifts them per
-    query group so that the heads together read every block."""
+    query group (see ``vert_stride_rule``)."""
+
+    vert_stride_rule: str = "cover"
+    """BlockSparse heterogeneous heads: ``cover`` lets each query group read ``ceil(vert_stride
+    / num_query_groups)`` blocks in every ``vert_stride`` so that the groups together read every
+    block; ``legacy`` gives each group one (with fewer groups than ``vert_stride`` some blocks
+    are read by no head). Settings recorded without this field mean ``legacy``."""
 
     full_attention_layers: Optional[List[int]] = None
     """Explicit 0-based indices of the full-attention layers; overrides the placement."""
@@ -93,6 +101,16 @@ class LongGenFields:
 
     full_attention_ratio: float = 1 / 3
     """Fraction of layers kept full by a named placement."""
+
+
+# What a LongGenFields field meant in checkpoints and exports recorded before it existed.
+UNRECORDED_FIELDS = {"vert_stride_rule": "legacy"}
+
+
+def with_unrecorded_fields(recorded: Dict[str, Any]) -> Dict[str, Any]:
+    """Recorded LongGen settings (a record, a saved train_config, an HF config) with the values
+    that fields missing from them meant when they were written."""
+    return {**UNRECORDED_FIELDS, **recorded}
 
 
 def longgen_fields(obj) -> Dict[str, Any]:
@@ -138,6 +156,14 @@ class LongGenConfig(TransformerConfig, LongGenFields):
             fail(f"local_blocks must be >= 1 (a block reads itself), got {self.local_blocks}")
         if self.vert_stride < 1:
             fail(f"vert_stride must be >= 1, got {self.vert_stride}")
+        if self.vert_stride_rule not in VERT_STRIDE_RULES:
+            fail(f"vert_stride_rule must be one of {VERT_STRIDE_RULES}, got {self.vert_stride_rule!r}")
+        if (self.sparse_attention == "block_sparse" and not self.homo_head
+                and self.vert_stride_rule == "cover" and self.num_query_groups == 1
+                and self.vert_stride > 1):
+            fail("block_sparse with one query group, heterogeneous heads and vert_stride_rule "
+                 "'cover' reads every key block (full attention); set homo_head to read every "
+                 f"vert_stride={self.vert_stride}-th block")
         if self.full_attention_placement not in PLACEMENTS:
             fail(
                 f"full_attention_placement must be one of {PLACEMENTS}, "
@@ -203,6 +229,7 @@ class LongGenConfig(TransformerConfig, LongGenFields):
             homo_head=self.homo_head,
             num_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups,
+            vert_stride_rule=self.vert_stride_rule,
         )
 
     def layer_pattern(self, layer_number: int) -> Pattern:

@@ -52,8 +52,7 @@ def make_mask_mod(pattern: Pattern, heads: torch.Tensor, seq_len: int,
             ok = ok & ((k < pattern.sink_tokens) | (q - k < pattern.window_size))
         elif isinstance(pattern, BlockSparsePattern):
             qb, kb = q // pattern.block_size, k // pattern.block_size
-            vertical = (kb + offsets[h] + 1) % pattern.vert_stride == 0
-            ok = ok & ((qb - kb < pattern.local_blocks) | vertical)
+            ok = ok & ((qb - kb < pattern.local_blocks) | pattern.vertical(kb, offsets[h]))
         elif not isinstance(pattern, CausalPattern):
             raise TypeError(f"unsupported pattern {pattern!r}")
         return ok

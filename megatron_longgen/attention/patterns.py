@@ -90,15 +90,28 @@ class AttnSinkPattern:
         return in_window + sinks_outside
 
 
+VERT_STRIDE_RULES = ("cover", "legacy")
+
+
 @dataclass(frozen=True)
 class BlockSparsePattern:
     """Blockwise: each query block reads its ``local_blocks`` most recent key blocks (itself
-    included) plus every ``vert_stride``-th key block. Within a block, attention is causal.
+    included) plus vertical key blocks. Within a block, attention is causal.
 
-    With ``homo_head=False`` the vertical blocks are shifted per query group so that, together,
-    the heads read every block: head ``h`` of group ``g`` reads key block ``kb`` when
-    ``(kb + offset(g) + 1) % vert_stride == 0`` with ``offset(g) = g * max(1, vert_stride //
-    num_query_groups) % vert_stride``. With ``homo_head=True`` every head uses offset 0.
+    A head of vertical offset ``o`` reads key block ``kb`` as a vertical block when
+    ``((kb + 1 + o) % vert_stride) % vert_period == 0``. With ``homo_head=True`` every head has
+    offset 0 and period ``vert_stride``: every ``vert_stride``-th block. With ``homo_head=False``
+    the offset and period follow the query group ``g`` of the head (the query heads of a GQA
+    group share one pattern) by ``vert_stride_rule``:
+
+    * ``cover``: offset ``g % vert_stride``, period ``min(num_query_groups, vert_stride)``. Each
+      group reads ``ceil(vert_stride / num_query_groups)`` blocks in every ``vert_stride`` and
+      the groups together read every block. With ``num_query_groups >= vert_stride`` this is
+      exactly ``legacy``; with fewer groups each query reads that many times more vertical
+      blocks (one query group: every block).
+    * ``legacy`` (checkpoints trained before the rule was recorded): offset ``g * max(1,
+      vert_stride // num_query_groups) % vert_stride``, period ``vert_stride``. With fewer
+      groups than ``vert_stride`` some blocks are read by no head.
     """
 
     block_size: int
@@ -107,12 +120,27 @@ class BlockSparsePattern:
     homo_head: bool = False
     num_heads: int = 1
     num_query_groups: int = 1
+    vert_stride_rule: str = "cover"
 
     name = "block_sparse"
+
+    def __post_init__(self):
+        if self.vert_stride_rule not in VERT_STRIDE_RULES:
+            raise ValueError(f"vert_stride_rule must be one of {VERT_STRIDE_RULES}, "
+                             f"got {self.vert_stride_rule!r}")
 
     @property
     def head_dependent(self) -> bool:
         return not self.homo_head and self.num_query_groups > 1 and self.vert_stride > 1
+
+    @property
+    def _covering(self) -> bool:
+        return not self.homo_head and self.vert_stride_rule == "cover"
+
+    @property
+    def vert_period(self) -> int:
+        """A head reads the blocks whose ``(kb + 1 + offset) % vert_stride`` is a multiple."""
+        return min(self.num_query_groups, self.vert_stride) if self._covering else self.vert_stride
 
     def head_offsets(self, heads: Heads) -> torch.Tensor:
         """Vertical-stride offset of each global query head."""
@@ -120,13 +148,29 @@ class BlockSparsePattern:
         if self.homo_head:
             return torch.zeros_like(heads)
         group = heads // (self.num_heads // self.num_query_groups)
-        step = max(1, self.vert_stride // self.num_query_groups)
+        step = 1 if self._covering else max(1, self.vert_stride // self.num_query_groups)
         return (group * step) % self.vert_stride
+
+    def vertical(self, k_block, offset) -> torch.Tensor:
+        """Whether key block ``k_block`` is a vertical block of a head with ``offset``."""
+        kb, offset = _as_tensor(k_block), _as_tensor(offset)
+        return (kb + 1 + offset) % self.vert_stride % self.vert_period == 0
+
+    def vertical_index(self, k_block, offset) -> torch.Tensor:
+        """How many vertical blocks of a head with ``offset`` come before ``k_block``: the
+        rank of a vertical block among them (compact per-head storage)."""
+        kb, offset = _as_tensor(k_block), _as_tensor(offset)
+        stride, period = self.vert_stride, self.vert_period
+        per_stride = -(-stride // period)
+
+        def upto(n):  # vertical residues x in [0, n): (x % stride) % period == 0
+            return n // stride * per_stride + (n % stride + period - 1) // period
+
+        return upto(kb + 1 + offset) - upto(1 + offset)
 
     def block_allowed(self, q_block, k_block, head=None) -> torch.Tensor:
         qb, kb = _as_tensor(q_block), _as_tensor(k_block)
-        offset = self.head_offsets(head if head is not None else 0)
-        vertical = (kb + offset + 1) % self.vert_stride == 0
+        vertical = self.vertical(kb, self.head_offsets(head if head is not None else 0))
         return (kb <= qb) & ((qb - kb < self.local_blocks) | vertical)
 
     def allowed(self, q_pos, k_pos, head=None) -> torch.Tensor:

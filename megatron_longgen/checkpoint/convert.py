@@ -14,7 +14,7 @@ import torch
 
 from megatron_longgen.checkpoint import layout, megatron_io, verify
 from megatron_longgen.checkpoint.errors import ConversionError, staged_output
-from megatron_longgen.config import LongGenFields, longgen_fields
+from megatron_longgen.config import LongGenFields, longgen_fields, with_unrecorded_fields
 from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
 from megatron_longgen.training.setup import padded_vocab_size
@@ -318,6 +318,7 @@ def hf_longgen_settings(hf_config: dict) -> LongGenSettings:
     if hf_config.get("model_type") != "longgen":
         return LongGenSettings(full_attention_placement="all")
     # An export records its full layers explicitly and leaves placement/ratio null.
+    hf_config = with_unrecorded_fields(hf_config)
     return LongGenSettings(**{f.name: hf_config[f.name] for f in fields(LongGenFields)
                               if hf_config.get(f.name) is not None})
 

@@ -20,7 +20,7 @@ from megatron_longgen.attention.patterns import CausalPattern
 from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.checkpoint.hf_files import LlamaShape
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
-from megatron_longgen.config import LongGenConfig, longgen_fields
+from megatron_longgen.config import LongGenConfig, longgen_fields, with_unrecorded_fields
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import LLAMA_ARCH, get_preset
 from megatron_longgen.training import checkpointing
@@ -117,7 +117,7 @@ def _record_from_trainer(path: str) -> CheckpointRecord:
     if saved is None:
         raise ConversionError(f"{path} has neither a longgen_config.json nor the trainer's train_config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    train = TrainConfig(**{k: v for k, v in with_unrecorded_fields(saved).items() if k in known})
     train.tensor_model_parallel_size = train.pipeline_model_parallel_size = 1
     train.virtual_pipeline_model_parallel_size, train.context_parallel_size = None, 1
     train.sequence_parallel, train.device = False, "cpu"

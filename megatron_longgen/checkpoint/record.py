@@ -17,7 +17,7 @@ import torch
 
 from megatron_longgen.checkpoint.errors import ConversionError
 from megatron_longgen.checkpoint.hf_files import LlamaShape
-from megatron_longgen.config import LongGenFields, full_attention_layer_indices
+from megatron_longgen.config import LongGenFields, full_attention_layer_indices, with_unrecorded_fields
 
 RECORD_FILE = "longgen_config.json"
 FORMAT_VERSION = 1
@@ -70,6 +70,7 @@ class CheckpointRecord:
             f"--sink-tokens {g.sink_tokens}", f"--sliding-window-size {g.sliding_window_size}",
             f"--sparse-block-size {g.sparse_block_size}", f"--local-blocks {g.local_blocks}",
             f"--vert-stride {g.vert_stride}", "--homo-head" if g.homo_head else "--no-homo-head",
+            f"--vert-stride-rule {g.vert_stride_rule}",
             "--full-attention-layers " + " ".join(map(str, self.full_layers))
             if self.full_layers else "--full-attention-placement none",
             f"--tensor-model-parallel-size {self.target_tensor_parallel_size}",
@@ -104,9 +105,10 @@ class CheckpointRecord:
         if data.get("format_version") != FORMAT_VERSION:
             raise ConversionError(f"{RECORD_FILE}: unknown format_version {data.get('format_version')!r}")
         known = {f.name for f in fields(LongGenSettings)}
+        longgen = with_unrecorded_fields(data["longgen"])
         return cls(
             shape=LlamaShape(**data["model"]),
-            longgen=LongGenSettings(**{k: v for k, v in data["longgen"].items() if k in known}),
+            longgen=LongGenSettings(**{k: v for k, v in longgen.items() if k in known}),
             padded_vocab_size=int(data["padded_vocab_size"]),
             dtype=data["dtype"],
             target_tensor_parallel_size=int(data["target_tensor_parallel_size"]),

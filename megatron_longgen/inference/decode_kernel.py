@@ -42,9 +42,9 @@ def _configs():
 
 
 @triton.jit
-def _readable(q_pos, k_pos, head_off, p0, p1, p2, PATTERN: tl.constexpr):
+def _readable(q_pos, k_pos, head_off, p0, p1, p2, p3, PATTERN: tl.constexpr):
     """The training kernels' pattern rule for one query position, on held slots only."""
-    return (k_pos >= 0) & _allowed(q_pos, k_pos, 0, 0, head_off, p0, p1, p2, PATTERN, False)
+    return (k_pos >= 0) & _allowed(q_pos, k_pos, 0, 0, head_off, p0, p1, p2, p3, PATTERN, False)
 
 
 @triton.autotune(configs=_configs(), key=["slots_bucket", "group", "PATTERN", "FULL_SLOTS",
@@ -54,7 +54,7 @@ def _decode_split_kernel(
     Q, K, V, POS, LENGTHS, HEAD_OFF, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_pb, stride_ph,
-    num_kv_heads, num_slots, group, num_splits, slots_bucket, scale_log2, p0, p1, p2,
+    num_kv_heads, num_slots, group, num_splits, slots_bucket, scale_log2, p0, p1, p2, p3,
     PATTERN: tl.constexpr, FULL_SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def _decode_split_kernel(
             ok = in_range
         else:
             k_pos = tl.load(pos_base + offs, mask=in_range, other=-1)
-            ok = in_range & _readable(q_pos, k_pos, head_off, p0, p1, p2, PATTERN)
+            ok = in_range & _readable(q_pos, k_pos, head_off, p0, p1, p2, p3, PATTERN)
         qk = tl.where(ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing readable yet
@@ -199,7 +199,7 @@ def decode_attention(
             raise ValueError("decode attention needs the head dim contiguous")
     group = hq // hkv
     splits = num_splits or default_num_splits(b, hkv, slots, q.device)
-    kind, p0, p1, p2 = pattern_params(pattern)
+    kind, p0, p1, p2, p3 = pattern_params(pattern)
     o_part = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     scale_log2 = scale * LOG2E
@@ -208,7 +208,7 @@ def decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         pos_cache.stride(0), pos_cache.stride(1),
-        hkv, slots, group, splits, triton.next_power_of_2(slots), scale_log2, p0, p1, p2,
+        hkv, slots, group, splits, triton.next_power_of_2(slots), scale_log2, p0, p1, p2, p3,
         PATTERN=kind, FULL_SLOTS=full_slots, HEAD_DIM=d,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",

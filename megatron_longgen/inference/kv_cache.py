@@ -81,20 +81,17 @@ class SinkSlots:
 @dataclass(frozen=True)
 class BlockSlots:
     """Local ring of ``local_blocks`` blocks (non-vertical blocks only), then one block per
-    vertical block of the head's stride up to ``max_length``."""
+    vertical block of the head up to ``max_length``."""
 
     pattern: BlockSparsePattern
     max_length: int
-
-    def _vertical(self, block, offset):
-        return (block + offset + 1) % self.pattern.vert_stride == 0
 
     @property
     def num_vertical(self) -> int:
         p = self.pattern
         blocks = torch.arange(math.ceil(self.max_length / p.block_size))
         offsets = p.head_offsets(range(p.num_heads)).unique()
-        return max(int(self._vertical(blocks[None], offsets[:, None]).sum(-1).max()), 0)
+        return max(int(p.vertical(blocks[None], offsets[:, None]).sum(-1).max()), 0)
 
     @property
     def local(self) -> int:  # no more ring blocks than the longest sequence has blocks
@@ -108,16 +105,15 @@ class BlockSlots:
         p = self.pattern
         block, inner = pos // p.block_size, pos % p.block_size
         ring = (block % self.local) * p.block_size + inner
-        vidx = (block + offset + 1) // p.vert_stride - 1
-        vertical = (self.local + vidx) * p.block_size + inner
-        return torch.where(self._vertical(block, offset), vertical, ring)
+        vertical = (self.local + p.vertical_index(block, offset)) * p.block_size + inner
+        return torch.where(p.vertical(block, offset), vertical, ring)
 
     def keep(self, pos, length, offset):
         p = self.pattern
         # The next query's block is the earliest any future query sits in.
         next_block = length // p.block_size
         local = next_block - pos // p.block_size < p.local_blocks
-        return (pos >= 0) & (local | self._vertical(pos // p.block_size, offset))
+        return (pos >= 0) & (local | p.vertical(pos // p.block_size, offset))
 
 
 def slots_for(pattern: Pattern, max_length: int):

@@ -21,6 +21,7 @@ from megatron_longgen.config import (
     PLACEMENTS,
     SPARSE_PATTERNS,
     LongGenConfig,
+    VERT_STRIDE_RULES,
     LongGenFields,
 )
 from megatron_longgen.utils.cli import fail
@@ -94,6 +95,7 @@ class TrainConfig:
     local_blocks: Optional[int] = None
     vert_stride: Optional[int] = None
     homo_head: Optional[bool] = None
+    vert_stride_rule: Optional[str] = None
     full_attention_layers: Optional[List[int]] = None
     full_attention_placement: Optional[str] = None
     full_attention_ratio: Optional[float] = None
@@ -143,7 +145,7 @@ class TrainConfig:
 
 MODEL_FIELDS = (
     "rotary_base", "sparse_attention", "sink_tokens", "sliding_window_size", "sparse_block_size",
-    "local_blocks", "vert_stride", "homo_head", "full_attention_layers",
+    "local_blocks", "vert_stride", "homo_head", "vert_stride_rule", "full_attention_layers",
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "linear_cross_entropy_chunk_mb",
@@ -207,6 +209,8 @@ HELP: Dict[str, str] = {
     "local_blocks": "BlockSparse: most recent key blocks each query block reads (its own included)",
     "vert_stride": "BlockSparse: every N-th key block is read by all later query blocks",
     "homo_head": "BlockSparse: the same vertical blocks for every head (else shifted per group)",
+    "vert_stride_rule": "BlockSparse, per-group vertical blocks: cover (the groups read every block) "
+                        "or legacy (one block in every vert_stride per group)",
     "full_attention_layers": "0-based indices of the full-attention layers; overrides the placement",
     "full_attention_placement": "which layers keep full attention",
     "full_attention_ratio": "fraction of the layers a named placement keeps full",
@@ -244,6 +248,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 _CHOICES = {
     "sparse_attention": SPARSE_PATTERNS,
+    "vert_stride_rule": VERT_STRIDE_RULES,
     "full_attention_placement": PLACEMENTS,
     "core_attention_backend": ATTENTION_BACKENDS,
     "recompute_granularity": ("full", "selective"),

@@ -23,6 +23,11 @@ PATTERNS = {
     "block_sparse_hetero": HETERO,
     "block_sparse_homo": BlockSparsePattern(16, 2, 4, homo_head=True, num_heads=8,
                                             num_query_groups=4),
+    "block_sparse_cover_few_groups": BlockSparsePattern(16, 1, 8, homo_head=False, num_heads=8,
+                                                        num_query_groups=4),
+    "block_sparse_legacy_few_groups": BlockSparsePattern(16, 1, 8, homo_head=False, num_heads=8,
+                                                         num_query_groups=4,
+                                                         vert_stride_rule="legacy"),
 }
 DOCS = {"one_doc": None, "docs": [0, 7, 40, 41, 100]}
 

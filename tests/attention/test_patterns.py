@@ -22,15 +22,25 @@ def sink_rule(i, j, sink, window):
     return j <= i and (j < sink or i - j < window)
 
 
-def block_sparse_rule(i, j, h, block, local, stride, homo, num_heads, groups):
+def vertical_residues(group, stride, groups, homo, rule):
+    """Residues ``(kb + 1) % stride`` of the vertical blocks a query group reads, as sets."""
+    if homo:
+        return {0}
+    if rule == "legacy":  # one residue per group, spread by stride // groups
+        return {-(group * max(1, stride // groups)) % stride}
+    # cover: multiples of the period, shifted back by the group index
+    period = min(groups, stride)
+    return {(m - group) % stride for m in range(0, stride, period)}
+
+
+def block_sparse_rule(i, j, h, block, local, stride, homo, num_heads, groups, rule="cover"):
     if j > i:
         return False
     qb, kb = i // block, j // block
     if qb - kb < local:
         return True
     group = h // (num_heads // groups)
-    offset = 0 if homo else (group * max(1, stride // groups)) % stride
-    return (kb + offset + 1) % stride == 0
+    return (kb + 1) % stride in vertical_residues(group, stride, groups, homo, rule)
 
 
 def expected_mask(rule, seq_len, heads, docs=None):
@@ -57,17 +67,62 @@ def test_attn_sink_mask(seq_len, sink, window):
 
 
 @pytest.mark.parametrize("seq_len", [16, 70, 129])
-@pytest.mark.parametrize("num_heads,groups", [(4, 4), (8, 2), (6, 3), (4, 1)])
-@pytest.mark.parametrize("homo", [True, False])
-def test_block_sparse_mask(seq_len, num_heads, groups, homo):
-    block, local, stride = 8, 2, 3
-    pattern = BlockSparsePattern(block, local, stride, homo, num_heads, groups)
+@pytest.mark.parametrize("num_heads,groups,stride", [(4, 4, 3), (8, 2, 3), (6, 3, 3), (4, 1, 3),
+                                                     (6, 3, 8), (8, 2, 4)])
+@pytest.mark.parametrize("homo,rule", [(True, "cover"), (False, "cover"), (False, "legacy")])
+def test_block_sparse_mask(seq_len, num_heads, groups, stride, homo, rule):
+    block, local = 8, 2
+    pattern = BlockSparsePattern(block, local, stride, homo, num_heads, groups, rule)
     heads = list(range(num_heads))
     mask = token_mask(pattern, seq_len, heads, num_heads=num_heads)
     ref = expected_mask(
-        lambda i, j, h: block_sparse_rule(i, j, h, block, local, stride, homo, num_heads, groups),
+        lambda i, j, h: block_sparse_rule(i, j, h, block, local, stride, homo, num_heads, groups,
+                                          rule),
         seq_len, heads)
     assert torch.equal(mask.expand_as(ref), ref)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 8, 32])
+@pytest.mark.parametrize("stride", [1, 4, 8])
+def test_cover_rule_reads_every_block_at_stated_cost(groups, stride):
+    """Each group reads ceil(stride / groups) blocks in every ``stride``; together, all."""
+    pattern = BlockSparsePattern(16, 1, stride, False, 2 * groups, groups)
+    blocks = torch.arange(10 * stride)
+    offsets = pattern.head_offsets(range(0, 2 * groups, 2))  # one head per group
+    vertical = pattern.vertical(blocks[None], offsets[:, None])
+    assert vertical.any(0).all()
+    assert vertical.sum(1).tolist() == [10 * -(-stride // groups)] * groups
+    # The GQA kernel, the CP plans and the per-KV-head caches rely on one pattern per group.
+    assert torch.equal(pattern.head_offsets(range(1, 2 * groups, 2)), offsets)
+    legacy = BlockSparsePattern(16, 1, stride, False, 2 * groups, groups, "legacy")
+    if groups >= stride:  # enough groups for one residue each: the rules agree
+        assert torch.equal(token_mask(pattern, 96, num_heads=2 * groups),
+                           token_mask(legacy, 96, num_heads=2 * groups))
+
+
+def test_legacy_rule_leaves_blocks_unread_with_few_groups():
+    """What checkpoints trained before the rule was recorded did: 2 groups at stride 8 read
+    residues 0 and 4 of (kb + 1) only."""
+    pattern = BlockSparsePattern(16, 1, 8, False, 4, 2, "legacy")
+    blocks = torch.arange(64)
+    read = pattern.vertical(blocks[None], pattern.head_offsets([0, 2])[:, None]).any(0)
+    assert torch.equal(read, ((blocks + 1) % 4 == 0))
+
+
+def test_vertical_index_ranks_each_heads_vertical_blocks():
+    for pattern in (BlockSparsePattern(16, 1, 8, False, 6, 3),
+                    BlockSparsePattern(16, 1, 8, False, 4, 2, "legacy"),
+                    BlockSparsePattern(16, 1, 3, True, 4, 4)):
+        blocks = torch.arange(50)
+        for offset in pattern.head_offsets(range(pattern.num_heads)).unique():
+            vertical = pattern.vertical(blocks, offset)
+            index = pattern.vertical_index(blocks[vertical], offset)
+            assert index.tolist() == list(range(int(vertical.sum())))
+
+
+def test_unknown_vert_stride_rule_is_refused():
+    with pytest.raises(ValueError, match="vert_stride_rule"):
+        BlockSparsePattern(16, 1, 8, vert_stride_rule="dense")
 
 
 def test_heterogeneous_heads_cover_every_block_and_gqa_groups_share():
@@ -112,6 +167,7 @@ def _layout_from_mask(mask, bq, bk):
     AttnSinkPattern(4, 20),
     AttnSinkPattern(0, 7),
     BlockSparsePattern(16, 2, 3, False, 4, 2),
+    BlockSparsePattern(16, 2, 8, False, 4, 2),
     BlockSparsePattern(16, 1, 2, True, 4, 4),
 ], ids=lambda p: repr(p))
 @pytest.mark.parametrize("seq_len,bq,bk", [(96, 16, 16), (100, 32, 16), (77, 16, 32), (130, 32, 32), (64, 8, 8)])

@@ -30,6 +30,11 @@ HETERO = BlockSparsePattern(block_size=16, local_blocks=2, vert_stride=3, homo_h
 HOMO = BlockSparsePattern(block_size=16, local_blocks=2, vert_stride=4, homo_head=True,
                           num_heads=4, num_query_groups=2)
 SINK = AttnSinkPattern(sink_tokens=4, window_size=20)
+# Fewer query groups than the stride: 3 groups each read 3 blocks in every 8.
+COVER = BlockSparsePattern(block_size=16, local_blocks=1, vert_stride=8, homo_head=False,
+                           num_heads=6, num_query_groups=3)
+LEGACY = BlockSparsePattern(block_size=16, local_blocks=1, vert_stride=4, homo_head=False,
+                            num_heads=4, num_query_groups=2, vert_stride_rule="legacy")
 
 
 def _inputs(hq, hkv, seq_len, dim, dtype, seed):
@@ -67,6 +72,8 @@ CASES = {
     "sink_gqa4_d32": (SINK, 90, 4, 1, 32, range(4), 4, None),
     "block_sparse_hetero_tp_slice": (HETERO, 100, 4, 2, 16, range(4, 8), 8, None),
     "block_sparse_homo_exact_len": (HOMO, 64, 4, 2, 32, range(4), 4, None),
+    "block_sparse_cover_few_groups": (COVER, 150, 6, 3, 16, range(6), 6, None),
+    "block_sparse_legacy_few_groups": (LEGACY, 100, 4, 2, 16, range(4), 4, None),
     "causal_docs": (CausalPattern(), 70, 2, 1, 16, range(2), 2, [0, 23, 24, 70]),
     "sink_docs": (SINK, 90, 4, 2, 16, range(4), 4, [0, 7, 40, 41, 90]),
     "block_sparse_hetero_docs": (HETERO, 100, 4, 2, 16, range(2, 6), 8, [0, 37, 90, 100]),

@@ -16,6 +16,9 @@ CASES = [
     (6, 3, dict(sparse_attention="attn_sink", sink_tokens=0, sliding_window_size=1)),
     (6, 3, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=2, vert_stride=3)),
     (8, 2, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1, vert_stride=4)),
+    (6, 3, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1, vert_stride=8)),
+    (8, 2, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1, vert_stride=8,
+                vert_stride_rule="legacy")),
     (12, 6, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1, vert_stride=4)),
     (4, 4, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=2, vert_stride=8)),
     (6, 3, dict(sparse_attention="block_sparse", sparse_block_size=16, local_blocks=1, vert_stride=3,
@@ -24,6 +27,7 @@ CASES = [
 
 
 def _configs(heads, groups, sparse):
+    sparse = {"vert_stride_rule": "cover", **sparse}  # as an export writes it
     mg = longgen_config("tiny", num_attention_heads=heads, num_query_groups=groups,
                         hidden_size=heads * 16, **sparse)
     hf = HFLongGenConfig(num_attention_heads=heads, num_key_value_heads=groups,
@@ -62,7 +66,14 @@ def test_hf_config_defaults_to_all_full_and_rejects_unknown_pattern():
     assert issubclass(HFLongGenConfig, LlamaConfig)
 
 
-@pytest.mark.parametrize("heads,groups,sparse", [CASES[0], CASES[3], CASES[4]])
+def test_hf_config_without_vert_stride_rule_means_legacy():
+    """Exports written before the rule was recorded used the legacy offsets."""
+    assert HFLongGenConfig(num_hidden_layers=2).vert_stride_rule == "legacy"
+    with pytest.raises(ValueError, match="vert_stride_rule"):
+        HFLongGenConfig(num_hidden_layers=2, vert_stride_rule="dense")
+
+
+@pytest.mark.parametrize("heads,groups,sparse", [CASES[0], CASES[3], CASES[4], CASES[5]])
 @pytest.mark.parametrize("q_len", [70, 1])
 def test_flex_path_equals_masked_attention(heads, groups, sparse, q_len):
     """The GPU path of the export (FlexAttention, run eagerly here) equals dense masked

@@ -21,6 +21,8 @@ CASES = {
     "sink_gqa": (6, 2, SINK),
     "block_hetero_gqa": (6, 3, BLOCK),  # three KV heads, three different vertical offsets
     "block_homo": (4, 2, {**BLOCK, "homo_head": True}),
+    # two KV heads at stride 3: each reads 2 blocks in every 3 (cover rule)
+    "block_cover_gqa": (4, 2, {**BLOCK, "vert_stride_rule": "cover"}),
 }
 MAX_POS = 96
 
@@ -105,8 +107,11 @@ def test_sparse_layers_hold_exactly_what_the_pattern_can_still_read(model):
         slots = [cfg.sink_tokens + cfg.sliding_window_size - 1] * 3
     else:  # local ring + the most vertical blocks any head has up to generate's max_length
         offsets = _head_offsets(cfg, "cpu").tolist()
+        covering = cfg.vert_stride_rule == "cover" and not cfg.homo_head
+        period = min(cfg.num_key_value_heads, cfg.vert_stride) if covering else cfg.vert_stride
         blocks = [range(-(-total // cfg.sparse_block_size)) for total in (30, 60, MAX_POS)]
-        slots = [(cfg.local_blocks + max(sum((k + o + 1) % cfg.vert_stride == 0 for k in r) for o in offsets))
+        slots = [(cfg.local_blocks + max(sum((k + o + 1) % cfg.vert_stride % period == 0 for k in r)
+                                         for o in offsets))
                  * cfg.sparse_block_size for r in blocks]
     # K and V, fp32, two sparse layers
     assert [s[kind] for s in sizes] == [2 * 2 * cfg.num_key_value_heads * n * cfg.head_dim * 4 for n in slots]

@@ -43,6 +43,8 @@ CASES = [
     # Heterogeneous heads, GQA, and the second TP rank's slice of 8 heads / 4 groups.
     Case("block_hetero_tp_slice", _bs(False, 8, 4), (4, 5, 6, 7), (2, 3), 8),
     Case("block_hetero_packed", _bs(False, 4, 4), (0, 1, 2, 3), (0, 1, 2, 3), 4, batch=1, docs=DOCS),
+    # Fewer groups than the stride: each of 3 groups reads 3 blocks in every 8 (cover rule).
+    Case("block_cover_few_groups", _bs(False, 6, 3, stride=8), tuple(range(6)), (0, 1, 2), 6),
 ]
 
 

@@ -67,7 +67,9 @@ def test_bytes_sent_match_plan(layer_results, case):
 # ---------------------------------------------------------------- static plans, no ranks
 
 PATTERNS = [CausalPattern(), AttnSinkPattern(3, 5), AttnSinkPattern(2, 21),
-            BlockSparsePattern(4, 2, 3, False, 8, 4), BlockSparsePattern(8, 1, 2, True, 4, 2)]
+            BlockSparsePattern(4, 2, 3, False, 8, 4), BlockSparsePattern(8, 1, 2, True, 4, 2),
+            BlockSparsePattern(4, 1, 8, False, 6, 3),
+            BlockSparsePattern(4, 2, 8, False, 4, 2, vert_stride_rule="legacy")]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: repr(p)[:40])

@@ -19,6 +19,11 @@ PATTERNS = {
                                        num_query_groups=GROUPS),
     "block_homo": BlockSparsePattern(8, 1, 2, homo_head=True, num_heads=HEADS,
                                      num_query_groups=GROUPS),
+    # 2 groups at stride 5: each reads 3 blocks in every 5 (residues 0, 2, 4 shifted by g).
+    "block_cover_stride5": BlockSparsePattern(8, 1, 5, homo_head=False, num_heads=HEADS,
+                                              num_query_groups=GROUPS),
+    "block_legacy": BlockSparsePattern(8, 1, 4, homo_head=False, num_heads=HEADS,
+                                       num_query_groups=GROUPS, vert_stride_rule="legacy"),
 }
 
 

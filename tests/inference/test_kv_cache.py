@@ -37,6 +37,11 @@ PATTERNS = {
     "sink_window1": (AttnSinkPattern(sink_tokens=2, window_size=1), 1),
     "block_hetero": (BlockSparsePattern(4, 2, 3, homo_head=False, num_heads=HEADS,
                                         num_query_groups=GROUPS), 4 * 6),
+    "block_hetero_stride5": (BlockSparsePattern(4, 1, 5, homo_head=False, num_heads=HEADS,
+                                                num_query_groups=GROUPS), 4 * 10),
+    "block_hetero_legacy": (BlockSparsePattern(4, 2, 3, homo_head=False, num_heads=HEADS,
+                                               num_query_groups=GROUPS,
+                                               vert_stride_rule="legacy"), 4 * 6),
     "block_homo": (BlockSparsePattern(4, 1, 2, homo_head=True, num_heads=HEADS,
                                       num_query_groups=GROUPS), 4 * 4),
     "block_stride1": (BlockSparsePattern(4, 1, 1, num_heads=HEADS, num_query_groups=GROUPS), 8),
@@ -83,14 +88,16 @@ def test_attn_sink_memory_does_not_grow_with_length(max_length):
     assert int(lengths.min()) >= 3 * window
 
 
-def test_block_sparse_memory_is_local_ring_plus_vertical_blocks():
+@pytest.mark.parametrize("rule,per_stride,bound", [("legacy", 1, 1 / 3), ("cover", 2, 0.6)])
+def test_block_sparse_memory_is_local_ring_plus_vertical_blocks(rule, per_stride, bound):
+    """With 2 groups at stride 4, ``cover`` keeps ceil(4 / 2) = 2 blocks in every 4."""
     block, local, stride, max_length = 16, 2, 4, 1024
     pattern = BlockSparsePattern(block, local, stride, homo_head=False, num_heads=HEADS,
-                                 num_query_groups=GROUPS)
+                                 num_query_groups=GROUPS, vert_stride_rule=rule)
     cache = LayerCache.allocate(pattern, 1, GROUPS, 2, DIM, max_length, torch.float32, "cpu")
     n_blocks = max_length // block
-    assert cache.k.shape[2] == (local + n_blocks // stride) * block
-    assert cache.k.shape[2] < max_length // 3
+    assert cache.k.shape[2] == (local + n_blocks // stride * per_stride) * block
+    assert cache.k.shape[2] < max_length * bound
 
 
 def test_report_per_kind_and_total():

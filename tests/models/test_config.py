@@ -46,6 +46,8 @@ def test_patterns_from_config():
     cfg = longgen_config("llama2-70b", sparse_attention="block_sparse", vert_stride=8, homo_head=False)
     pattern = cfg.layer_pattern(1)
     assert pattern == BlockSparsePattern(64, 16, 8, False, 64, 8)
+    legacy = longgen_config("tiny", sparse_attention="block_sparse", vert_stride_rule="legacy")
+    assert legacy.layer_pattern(1) == BlockSparsePattern(64, 16, 8, False, 4, 2, "legacy")
     cfg = longgen_config("llama2-7b", sink_tokens=16, sliding_window_size=2048)
     assert cfg.layer_pattern(1) == AttnSinkPattern(16, 2048)
 
@@ -58,6 +60,7 @@ def test_patterns_from_config():
     ("sparse_block_size", 8, "power of two"),
     ("local_blocks", 0, "local_blocks"),
     ("vert_stride", 0, "vert_stride"),
+    ("vert_stride_rule", "dense", "vert_stride_rule must be one of"),
     ("full_attention_placement", "sides", "full_attention_placement"),
     ("full_attention_ratio", 1.5, "full_attention_ratio"),
     ("full_attention_layers", [0, 6], "out of range"),
@@ -69,6 +72,14 @@ def test_patterns_from_config():
 def test_bad_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         longgen_config("tiny", **{field: value})
+
+
+def test_one_query_group_cannot_cover_blocks_sparsely():
+    sparse = dict(sparse_attention="block_sparse", num_query_groups=1)
+    with pytest.raises(ValueError, match="one query group.*set homo_head"):
+        longgen_config("tiny", **sparse)
+    assert longgen_config("tiny", homo_head=True, **sparse).sparse_pattern().vert_period == 8
+    assert longgen_config("tiny", vert_stride_rule="legacy", **sparse).sparse_pattern().vert_period == 8
 
 
 def test_presets_shapes():

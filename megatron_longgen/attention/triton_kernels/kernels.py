@@ -30,7 +30,7 @@ if INTERPRET:
 
 
 @triton.jit
-def _allowed(q_pos, k_pos, q_start, k_start, head_off, p0, p1, p2,
+def _allowed(q_pos, k_pos, q_start, k_start, head_off, p0, p1, p2, p3,
              PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr):
     """The pattern's token predicate (``patterns.py``) on broadcastable position tensors."""
     if HAS_DOCS:  # positions restart at each document; no pair crosses documents
@@ -43,10 +43,10 @@ def _allowed(q_pos, k_pos, q_start, k_start, head_off, p0, p1, p2,
         ok = k_pos <= q_pos
     if PATTERN == 1:  # sink tokens + sliding window
         ok = ok & ((k_rel < p0) | (q_rel - k_rel < p1))
-    elif PATTERN == 2:  # block sparse: p0 block, p1 local blocks, p2 vertical stride
+    elif PATTERN == 2:  # block sparse: p0 block, p1 local blocks, p2 stride, p3 period
         q_blk = q_rel // p0
         k_blk = k_rel // p0
-        ok = ok & ((q_blk - k_blk < p1) | ((k_blk + head_off + 1) % p2 == 0))
+        ok = ok & ((q_blk - k_blk < p1) | ((k_blk + 1 + head_off) % p2 % p3 == 0))
     return ok
 
 
@@ -64,7 +64,7 @@ def _doc_start(DOC_START, offs, valid, other, HAS_DOCS: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, lo, hi,
                offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len, DOC_START,
-               head_off, scale_log2, p0, p1, p2,
+               head_off, scale_log2, p0, p1, p2, p3,
                PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(lo, hi):
@@ -82,7 +82,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, lo, hi,
         if MASKED:
             k_start = _doc_start(DOC_START, offs_k, k_valid, -1, HAS_DOCS)
             ok = _allowed(offs_m[:, None], offs_k[None, :], q_start[:, None], k_start[None, :],
-                          head_off, p0, p1, p2, PATTERN, HAS_DOCS) & k_valid[None, :]
+                          head_off, p0, p1, p2, p3, PATTERN, HAS_DOCS) & k_valid[None, :]
             qk = tl.where(ok, qk * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
@@ -104,7 +104,7 @@ def _fwd_kernel(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     seq_len, num_heads, group, layout_per_head, num_rows, max_count,
-    scale_log2, p0, p1, p2,
+    scale_log2, p0, p1, p2, p3,
     PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -136,11 +136,11 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, 0, n_full,
                                offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len,
-                               DOC_START, head_off, scale_log2, p0, p1, p2,
+                               DOC_START, head_off, scale_log2, p0, p1, p2, p3,
                                PATTERN, HAS_DOCS, False, BLOCK_N, DOT_PREC)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, entries, n_full, count,
                                offs_m, q_start, offs_n, offs_d, stride_ks, stride_vs, seq_len,
-                               DOC_START, head_off, scale_log2, p0, p1, p2,
+                               DOC_START, head_off, scale_log2, p0, p1, p2, p3,
                                PATTERN, HAS_DOCS, True, BLOCK_N, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -157,7 +157,7 @@ def _fwd_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, entries, lo, hi,
                 offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs, stride_dos,
-                seq_len, DOC_START, head_off, scale_log2, p0, p1, p2,
+                seq_len, DOC_START, head_off, scale_log2, p0, p1, p2, p3,
                 PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(lo, hi):
@@ -174,7 +174,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, entries, lo
         if MASKED:
             q_start = _doc_start(DOC_START, offs_m, m_valid, 0, HAS_DOCS)
             ok = _allowed(offs_m[None, :], offs_n[:, None], q_start[None, :], k_start[:, None],
-                          head_off, p0, p1, p2, PATTERN, HAS_DOCS)
+                          head_off, p0, p1, p2, p3, PATTERN, HAS_DOCS)
             p_t = tl.where(ok & m_valid[None, :] & n_valid[:, None], p_t, 0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
                          mask=m_valid[:, None], other=0.0)
@@ -196,7 +196,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
     stride_dkb, stride_dkh, stride_dks,
     seq_len, num_heads, num_kv_heads, group, layout_per_head, num_rows, max_count,
-    scale, scale_log2, p0, p1, p2,
+    scale, scale_log2, p0, p1, p2, p3,
     PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -236,11 +236,11 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stat, delta, entries,
                              0, n_full, offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs,
                              stride_dos, seq_len, DOC_START, head_off, scale_log2,
-                             p0, p1, p2, PATTERN, HAS_DOCS, False, BLOCK_M, DOT_PREC)
+                             p0, p1, p2, p3, PATTERN, HAS_DOCS, False, BLOCK_M, DOT_PREC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stat, delta, entries,
                              n_full, count, offs_n, n_valid, k_start, offs_m0, offs_d, stride_qs,
                              stride_dos, seq_len, DOC_START, head_off, scale_log2,
-                             p0, p1, p2, PATTERN, HAS_DOCS, True, BLOCK_M, DOT_PREC)
+                             p0, p1, p2, p3, PATTERN, HAS_DOCS, True, BLOCK_M, DOT_PREC)
 
     out_off = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
@@ -253,7 +253,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, lo, hi, offs_m, m_valid, q_start,
               offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off, scale_log2,
-              p0, p1, p2, PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
+              p0, p1, p2, p3, PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, MASKED: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(lo, hi):
         offs_n = tl.load(entries + i) * BLOCK_N + offs_n0
@@ -270,7 +270,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, lo, hi, offs_m, m_
         if MASKED:
             k_start = _doc_start(DOC_START, offs_n, n_valid, -1, HAS_DOCS)
             ok = _allowed(offs_m[:, None], offs_n[None, :], q_start[:, None], k_start[None, :],
-                          head_off, p0, p1, p2, PATTERN, HAS_DOCS)
+                          head_off, p0, p1, p2, p3, PATTERN, HAS_DOCS)
             p = tl.where(ok & m_valid[:, None] & n_valid[None, :], p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -285,7 +285,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     seq_len, num_heads, group, layout_per_head, num_rows, max_count,
-    scale, scale_log2, p0, p1, p2,
+    scale, scale_log2, p0, p1, p2, p3,
     PATTERN: tl.constexpr, HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -321,10 +321,10 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, 0, n_full, offs_m, m_valid,
                    q_start, offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off,
-                   scale_log2, p0, p1, p2, PATTERN, HAS_DOCS, False, BLOCK_N, DOT_PREC)
+                   scale_log2, p0, p1, p2, p3, PATTERN, HAS_DOCS, False, BLOCK_N, DOT_PREC)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, entries, n_full, count, offs_m, m_valid,
                    q_start, offs_n0, offs_d, stride_ks, stride_vs, seq_len, DOC_START, head_off,
-                   scale_log2, p0, p1, p2, PATTERN, HAS_DOCS, True, BLOCK_N, DOT_PREC)
+                   scale_log2, p0, p1, p2, p3, PATTERN, HAS_DOCS, True, BLOCK_N, DOT_PREC)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])

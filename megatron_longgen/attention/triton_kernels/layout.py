@@ -31,14 +31,15 @@ from megatron_longgen.attention.patterns import (
 CAUSAL, SINK, BLOCK_SPARSE = 0, 1, 2
 
 
-def pattern_params(pattern: Pattern) -> Tuple[int, int, int, int]:
-    """(kernel pattern id, p0, p1, p2) for the element mask."""
+def pattern_params(pattern: Pattern) -> Tuple[int, int, int, int, int]:
+    """(kernel pattern id, p0, p1, p2, p3) for the element mask."""
     if isinstance(pattern, CausalPattern):
-        return CAUSAL, 0, 0, 1
+        return CAUSAL, 0, 0, 1, 1
     if isinstance(pattern, AttnSinkPattern):
-        return SINK, pattern.sink_tokens, pattern.window_size, 1
+        return SINK, pattern.sink_tokens, pattern.window_size, 1, 1
     if isinstance(pattern, BlockSparsePattern):
-        return BLOCK_SPARSE, pattern.block_size, pattern.local_blocks, pattern.vert_stride
+        return (BLOCK_SPARSE, pattern.block_size, pattern.local_blocks, pattern.vert_stride,
+                pattern.vert_period)
     raise TypeError(f"unsupported pattern {pattern!r}")
 
 

@@ -93,7 +93,7 @@ class _Setup:
             raise ValueError(f"heads has {len(self.heads)} entries for {hq} query heads")
         self.pattern, self.scale, self.seq_len, self.group = pattern, scale, s, hq // hkv
         self.tiles = _fit_tiles(tiles, pattern)
-        self.kind, self.p0, self.p1, self.p2 = pattern_params(pattern)
+        self.kind, self.p0, self.p1, self.p2, self.p3 = pattern_params(pattern)
         cu = None
         if cu_seqlens is not None:
             if b != 1:
@@ -134,7 +134,7 @@ def _forward(q, k, v, st: _Setup):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, hq, st.group, per_head, rows, width,
-        st.scale * LOG2E, st.p0, st.p1, st.p2,
+        st.scale * LOG2E, st.p0, st.p1, st.p2, st.p3,
         HEAD_DIM=d, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, **consts, **t.launch("fwd", d),
     )
     return out, lse  # lse in base 2
@@ -165,7 +165,7 @@ def _backward(q, k, v, out, do, lse2, dlse, st: _Setup):
         q, k, v, do, dk, dv, lse2, delta, cols.entries, cols.counts, st.head_off, st.doc_start,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         s, hq, hkv, st.group, per_head, rows, width,
-        st.scale, st.scale * LOG2E, st.p0, st.p1, st.p2,
+        st.scale, st.scale * LOG2E, st.p0, st.p1, st.p2, st.p3,
         HEAD_DIM=d, BLOCK_M=t.dkdv_m, BLOCK_N=t.dkdv_n, **consts, **t.launch("dkdv", d),
     )
     rows_l = st.lists(t.dq_m, t.dq_n, False, q.device)
@@ -174,7 +174,7 @@ def _backward(q, k, v, out, do, lse2, dlse, st: _Setup):
         q, k, v, do, dq, lse2, delta, rows_l.entries, rows_l.counts, st.head_off, st.doc_start,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         s, hq, st.group, per_head, rows, width,
-        st.scale, st.scale * LOG2E, st.p0, st.p1, st.p2,
+        st.scale, st.scale * LOG2E, st.p0, st.p1, st.p2, st.p3,
         HEAD_DIM=d, BLOCK_M=t.dq_m, BLOCK_N=t.dq_n, **consts, **t.launch("dq", d),
     )
     return dq, dk, dv

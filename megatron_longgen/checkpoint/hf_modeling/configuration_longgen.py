@@ -3,12 +3,15 @@
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 SPARSE_PATTERNS = ("attn_sink", "block_sparse")
+VERT_STRIDE_RULES = ("cover", "legacy")
 
 
 class LongGenConfig(LlamaConfig):
     """``full_attention_layers`` (0-based) keep causal attention; every other layer uses
     ``sparse_attention``. Placement names are resolved at export so this file needs no rule
-    for them; ``full_attention_placement`` / ``full_attention_ratio`` are kept for reference."""
+    for them; ``full_attention_placement`` / ``full_attention_ratio`` are kept for reference.
+    ``vert_stride_rule`` defaults to ``legacy``: exports written before it was recorded used
+    that rule."""
 
     model_type = "longgen"
 
@@ -21,6 +24,7 @@ class LongGenConfig(LlamaConfig):
         local_blocks=16,
         vert_stride=8,
         homo_head=False,
+        vert_stride_rule="legacy",
         full_attention_layers=None,
         full_attention_placement=None,
         full_attention_ratio=None,
@@ -35,6 +39,9 @@ class LongGenConfig(LlamaConfig):
         self.local_blocks = int(local_blocks)
         self.vert_stride = int(vert_stride)
         self.homo_head = bool(homo_head)
+        if vert_stride_rule not in VERT_STRIDE_RULES:
+            raise ValueError(f"vert_stride_rule must be one of {VERT_STRIDE_RULES}, got {vert_stride_rule!r}")
+        self.vert_stride_rule = vert_stride_rule
         self.full_attention_layers = None if full_attention_layers is None else [int(i) for i in full_attention_layers]
         self.full_attention_placement = full_attention_placement
         self.full_attention_ratio = full_attention_ratio

@@ -7,9 +7,11 @@ as the training code's: a query at position q reads key k (k <= q) when
 
 * ``attn_sink``: ``k < sink_tokens`` or ``q - k < sliding_window_size``;
 * ``block_sparse``: with blocks qb = q // B, kb = k // B, ``qb - kb < local_blocks`` or
-  ``(kb + offset + 1) % vert_stride == 0``; offset is 0 with ``homo_head``, else
-  ``g * max(1, vert_stride // num_key_value_heads) % vert_stride`` for the query group g of
-  the head.
+  ``(kb + 1 + offset) % vert_stride % period == 0``. With ``homo_head``: offset 0, period
+  ``vert_stride``. Otherwise, for the query group g of the head (G = num_key_value_heads),
+  by ``vert_stride_rule``: ``cover``: offset ``g % vert_stride``, period ``min(G,
+  vert_stride)`` (the groups together read every block); ``legacy``: offset
+  ``g * max(1, vert_stride // G) % vert_stride``, period ``vert_stride``.
 
 Positions count from the first token in the cache (no left padding in sparse layers).
 ``generate()`` uses ``LongGenCache`` by default: sparse layers keep only the tokens their
@@ -44,8 +46,7 @@ def _pattern_allowed(config, q, k, offsets):
     if config.sparse_attention == "attn_sink":
         return causal & ((k < config.sink_tokens) | (q - k < config.sliding_window_size))
     qb, kb = q // config.sparse_block_size, k // config.sparse_block_size
-    vertical = (kb + offsets + 1) % config.vert_stride == 0
-    return causal & ((qb - kb < config.local_blocks) | vertical)
+    return causal & ((qb - kb < config.local_blocks) | _vertical(config, kb, offsets))
 
 
 def longgen_sparse_mask(config, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -60,24 +61,54 @@ def longgen_sparse_mask(config, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tor
     return _pattern_allowed(config, q, k, offsets.view(-1, 1, 1))
 
 
+def _covering(config) -> bool:
+    return not config.homo_head and config.vert_stride_rule == "cover"
+
+
+def _vertical_period(config) -> int:
+    return min(config.num_key_value_heads, config.vert_stride) if _covering(config) else config.vert_stride
+
+
+def _vertical(config, kb, offsets):
+    """Whether key block kb is a vertical block of heads with these offsets."""
+    return (kb + 1 + offsets) % config.vert_stride % _vertical_period(config) == 0
+
+
+def _vertical_index(config, kb, offsets):
+    """How many vertical blocks of heads with these offsets come before key block kb."""
+    stride, period = config.vert_stride, _vertical_period(config)
+    per_stride = -(-stride // period)
+
+    def upto(n):  # vertical residues x in [0, n): (x % stride) % period == 0
+        return n // stride * per_stride + (n % stride + period - 1) // period
+
+    return upto(kb + 1 + offsets) - upto(1 + offsets)
+
+
 def _head_offsets(config, device) -> torch.Tensor:
     heads = torch.arange(config.num_attention_heads, device=device)
     groups, stride = config.num_key_value_heads, config.vert_stride
     if config.homo_head or groups == 1 or stride == 1:
         return torch.zeros_like(heads)
-    return ((heads // (config.num_attention_heads // groups)) * max(1, stride // groups)) % stride
+    step = 1 if _covering(config) else max(1, stride // groups)
+    return ((heads // (config.num_attention_heads // groups)) * step) % stride
 
 
 _BLOCK_MASKS = {}
+_PATTERN_FIELDS = ("sparse_attention", "sink_tokens", "sliding_window_size", "sparse_block_size",
+                   "local_blocks", "vert_stride", "homo_head", "vert_stride_rule",
+                   "num_attention_heads", "num_key_value_heads")
 
 
 def flex_sparse_attention(config, query, key, value, scale: float, compile: bool = True):
     """The sparse layer through FlexAttention: q [b, h, q_len, d] at the last q_len positions
-    of k [b, h_kv, k_len, d]. Block masks are cached per (lengths, device)."""
+    of k [b, h_kv, k_len, d]. Block masks are cached per (pattern, lengths, device)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     q_len, k_len, heads = query.shape[2], key.shape[2], query.shape[1]
-    cache_key = (q_len, k_len, heads, str(query.device), compile)
+    # The cache is shared by every model in the process: key it by the pattern too.
+    pattern = tuple(getattr(config, name) for name in _PATTERN_FIELDS)
+    cache_key = (pattern, q_len, k_len, heads, str(query.device), compile)
     if cache_key not in _BLOCK_MASKS:
         offset_q = k_len - q_len
         head_offsets = _head_offsets(config, query.device)
@@ -88,8 +119,7 @@ def flex_sparse_attention(config, query, key, value, scale: float, compile: bool
             if config.sparse_attention == "attn_sink":
                 return causal & ((kv_idx < config.sink_tokens) | (q - kv_idx < config.sliding_window_size))
             qb, kb = q // config.sparse_block_size, kv_idx // config.sparse_block_size
-            vertical = (kb + head_offsets[h] + 1) % config.vert_stride == 0
-            return causal & ((qb - kb < config.local_blocks) | vertical)
+            return causal & ((qb - kb < config.local_blocks) | _vertical(config, kb, head_offsets[h]))
 
         _BLOCK_MASKS[cache_key] = create_block_mask(
             mask_mod, None, heads, q_len, k_len, device=query.device, _compile=compile)
@@ -149,7 +179,7 @@ class LongGenPatternLayer(CacheLayerMixin):
         if c.sparse_attention == "attn_sink":
             return min(c.sink_tokens + max(c.sliding_window_size - 1, 0), self.max_length)
         blocks = torch.arange(math.ceil(self.max_length / c.sparse_block_size), device=offsets.device)
-        vertical = int(((blocks[None] + offsets[:, None] + 1) % c.vert_stride == 0).sum(-1).max())
+        vertical = int(_vertical(c, blocks[None], offsets[:, None]).sum(-1).max())
         return (self.local_blocks + vertical) * c.sparse_block_size
 
     def _keep(self, pos, length, offsets):
@@ -159,7 +189,7 @@ class LongGenPatternLayer(CacheLayerMixin):
             return (pos >= 0) & ((pos < c.sink_tokens) | (length - pos < c.sliding_window_size))
         block = pos // c.sparse_block_size
         local = length // c.sparse_block_size - block < c.local_blocks
-        return (pos >= 0) & (local | ((block + offsets + 1) % c.vert_stride == 0))
+        return (pos >= 0) & (local | _vertical(c, block, offsets))
 
     def _slot(self, pos, offsets):
         c = self.config
@@ -168,8 +198,8 @@ class LongGenPatternLayer(CacheLayerMixin):
             return torch.where(pos < c.sink_tokens, pos, (pos - c.sink_tokens) % ring + c.sink_tokens)
         b, block, inner = c.sparse_block_size, pos // c.sparse_block_size, pos % c.sparse_block_size
         ring = (block % self.local_blocks) * b + inner
-        vertical = (self.local_blocks + (block + offsets + 1) // c.vert_stride - 1) * b + inner
-        return torch.where((block + offsets + 1) % c.vert_stride == 0, vertical, ring)
+        vertical = (self.local_blocks + _vertical_index(c, block, offsets)) * b + inner
+        return torch.where(_vertical(c, block, offsets), vertical, ring)
 
     # ---- HF cache-layer interface ----
 

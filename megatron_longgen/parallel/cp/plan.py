@@ -42,9 +42,8 @@ def _range_intervals(pattern: Pattern, a: int, b: int, head: int) -> Tuple[torch
         # Local blocks of the first query block up to the last query itself: one interval.
         lo, hi = [max(0, first - pattern.local_blocks + 1) * bs], [b]
         # Vertical blocks: whole blocks before the last query block (earlier ones are whole too).
-        offset = int(pattern.head_offsets([head])[0])
-        start = pattern.vert_stride - 1 - offset
-        kb = torch.arange(start, max(start, last), pattern.vert_stride)
+        kb = torch.arange(last)
+        kb = kb[pattern.vertical(kb, pattern.head_offsets([head]))]
         return torch.cat([torch.tensor(lo), kb * bs]), torch.cat([torch.tensor(hi), (kb + 1) * bs])
     raise TypeError(f"no context-parallel plan for pattern {pattern!r}")
 
