@@ -2,7 +2,8 @@
 
 import sys
 
-from megatron_longgen.train import main
+from megatron_longgen.train import command
+from megatron_longgen.utils.cli import run_main
 
 if __name__ == "__main__":  # required: checkpoint saving starts worker processes
-    main(sys.argv[1:])
+    sys.exit(run_main(command, sys.argv[1:]))

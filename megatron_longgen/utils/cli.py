@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, NoReturn, Optional, Sequence
 
 USAGE_ERROR = 2
 INTERRUPTED = 1
+# torchrun stops every rank as soon as one exits: the ranks that print nothing wait this long
+# first, so that rank 0's line is out before torchrun kills it.
+SILENT_RANK_DELAY_S = 3.0
 
 
 class UsageError(ValueError):
@@ -41,6 +45,8 @@ def is_rank_zero() -> bool:
 def report_error(message: str) -> None:
     if is_rank_zero():
         print(f"error: {message}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(SILENT_RANK_DELAY_S)
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]],
