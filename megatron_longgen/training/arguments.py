@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_longgen.config import ATTENTION_BACKENDS, PLACEMENTS, SPARSE_PATTERNS, LongGenFields
-from megatron_longgen.utils.cli import UsageError, fail
+from megatron_longgen.utils.cli import ArgumentParser, UsageError, fail
 
 
 @dataclass
@@ -198,7 +198,7 @@ def add_longgen_arguments(group) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pretrain_longgen.py",
         description="LongGen length-extension training on Megatron-Core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

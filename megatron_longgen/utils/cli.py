@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -28,6 +29,14 @@ class UsageError(ValueError):
 
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad value) are UsageErrors: one line on rank 0
+    under torchrun instead of a usage text from every rank; same exit status, 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def is_rank_zero() -> bool:
