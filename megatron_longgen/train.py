@@ -63,16 +63,14 @@ def prepare(train: TrainConfig):
     tokenizer. Returns (train with the tokenizer's vocabulary, blend, tokenizer); blend and
     tokenizer are None with ``--mock-data``."""
     blend = None if train.mock_data or not train.data_path else parse_data_path(train.data_path)
-    tokenizer = None
-    if blend is not None:
-        if not train.tokenizer_model:
-            fail("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
-        tokenizer = build_tokenizer(train.tokenizer_model)
-        if train.vocab_size is None:
-            train = dataclasses.replace(train, vocab_size=tokenizer.vocab_size)
-        check_tokenizer_vocabulary(tokenizer.vocab_size, vocab_size_for(train), train.tokenizer_model)
     train.validate(int(os.environ.get("WORLD_SIZE", "1")), datasets_given=blend is not None)
     check_files(train, blend[0] if blend else ())
+    if blend is None:
+        return train, None, None
+    tokenizer = build_tokenizer(train.tokenizer_model)
+    if train.vocab_size is None:
+        train = dataclasses.replace(train, vocab_size=tokenizer.vocab_size)
+    check_tokenizer_vocabulary(tokenizer.vocab_size, vocab_size_for(train), train.tokenizer_model)
     return train, blend, tokenizer
 
 

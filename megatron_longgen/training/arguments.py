@@ -125,6 +125,8 @@ class TrainConfig:
             fail("--sequence-parallel needs --tensor-model-parallel-size >= 2")
         if not (self.mock_data or self.data_path or datasets_given):
             fail("give --data-path (prefixes from tools/preprocess_data.py) or --mock-data")
+        if self.data_path and not self.mock_data and not self.tokenizer_model:
+            fail("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
         if self.finetune and not self.load:
             fail("--finetune loads weights from --load; give --load")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -279,13 +281,15 @@ def _config_value(path: str, key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[annotation](value)
-    if not ok:
+    if not _has_type(value, annotation):
         fail(f"--config {path}: {key} must be {_TYPE_NAMES[annotation]}, got {value!r}")
     return float(value) if annotation is float else value
+
+
+def _has_type(value: Any, annotation: type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, not to a flag
+        return annotation is bool
+    return isinstance(value, (int, float) if annotation is float else annotation)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
