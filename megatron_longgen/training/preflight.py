@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -73,41 +73,41 @@ def check_tokenizer_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer
 
 
 def check_dataset_token_ids(prefixes: Sequence[str], model_vocab: int) -> None:
-    """Every token id of every dataset must be below ``model_vocab``. Run on all ranks: rank 0
-    scans, the others wait for its verdict, so all of them fail alike."""
+    """Every token id of every dataset must be below ``model_vocab``. Each rank reads its share
+    of the chunks and the maxima are reduced, so the job reads the data once and every rank
+    fails alike."""
+    import torch
     import torch.distributed as dist
 
-    verdict = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        verdict[0] = _first_out_of_range(prefixes, model_vocab)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        fail(verdict[0])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    largest = torch.tensor([largest_token_id(p, model_vocab, rank, world) for p in prefixes],
+                           dtype=torch.int64)
+    if world > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        largest = largest.to(device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    for prefix, top in zip(prefixes, largest.tolist()):
+        if top >= model_vocab:
+            fail(f"--data-path {prefix} holds token id {top}, beyond the model's vocabulary of "
+                 f"{model_vocab} (padded): it was made with a larger tokenizer; give the tokenizer "
+                 f"it was made with and --vocab-size > {top}, or preprocess it again")
 
 
-def _first_out_of_range(prefixes: Sequence[str], model_vocab: int) -> Optional[str]:
+def largest_token_id(prefix: str, model_vocab: int, rank: int = 0, world: int = 1) -> int:
+    """The largest token id in chunks ``rank, rank + world, ...`` of ``prefix``.bin (-1 if none,
+    or if the file's integer type cannot hold an id as large as ``model_vocab``)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    for prefix in prefixes:
-        dtype = IndexedDataset(prefix).index.dtype
-        if np.iinfo(dtype).max < model_vocab:
-            continue  # the file's integer type cannot hold an id that large
-        largest = max_token_id(prefix + ".bin", dtype)
-        if largest >= model_vocab:
-            return (f"--data-path {prefix} holds token id {largest}, beyond the model's vocabulary "
-                    f"of {model_vocab} (padded): it was made with a larger tokenizer; give the "
-                    f"tokenizer it was made with and --vocab-size > {largest}, or preprocess again")
-    return None
-
-
-def max_token_id(bin_path: str, dtype) -> int:
-    """The largest token id in an indexed dataset's .bin, read in chunks (memory stays small)."""
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    largest, report = -1, len(tokens) >= SCAN_REPORT
-    for start in range(0, len(tokens), SCAN_CHUNK):
+    dtype = IndexedDataset(prefix).index.dtype
+    if np.iinfo(dtype).max < model_vocab:
+        return -1
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    starts = range(rank * SCAN_CHUNK, len(tokens), world * SCAN_CHUNK)
+    report = rank == 0 and len(tokens) >= SCAN_REPORT
+    largest = -1
+    for i, start in enumerate(starts):
         largest = max(largest, int(tokens[start:start + SCAN_CHUNK].max()))
-        if report and (start // SCAN_CHUNK) % 16 == 15:
-            print(f"checking token ids of {bin_path}: {100 * (start + SCAN_CHUNK) / len(tokens):.0f}%",
+        if report and i % 16 == 15:
+            print(f"checking token ids of {prefix}.bin: {100 * (i + 1) / len(starts):.0f}%",
                   file=sys.stderr, flush=True)
     return largest

@@ -200,14 +200,20 @@ def test_dataset_ids_beyond_the_model_fail_before_training(tokenizer_512, tmp_pa
     assert not save.exists()
 
 
-def test_token_id_scan_reads_every_chunk(tmp_path, monkeypatch):
+def test_token_id_scan_reads_every_chunk_once_over_the_ranks(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     docs = [rng.integers(0, 300, 100).tolist() for _ in range(7)]
+    docs[5][50] = 400
     prefix = write_indexed_dataset(str(tmp_path / "docs"), docs)
     monkeypatch.setattr(preflight, "SCAN_CHUNK", 64)  # 700 tokens in 11 chunks
-    assert preflight.max_token_id(prefix + ".bin", np.uint16) == max(max(d) for d in docs)
-    assert preflight._first_out_of_range([prefix], 512) is None
-    assert "holds token id" in preflight._first_out_of_range([prefix], max(max(d) for d in docs))
+    tokens = np.concatenate([np.array(d) for d in docs])
+    for world in (1, 3):
+        parts = [preflight.largest_token_id(prefix, 512, rank, world) for rank in range(world)]
+        assert max(parts) == 400
+        # rank r's maximum is that of chunks r, r + world, ... of the concatenated documents
+        assert parts == [max(tokens[s:s + 64].max() for s in range(r * 64, len(tokens), world * 64))
+                         for r in range(world)]
+    assert preflight.largest_token_id(prefix, 70000) == -1  # uint16 cannot reach 70000
 
 
 # ---- the commands: one line, exit 2; the launcher under torchrun ---------------------------
