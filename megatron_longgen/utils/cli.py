@@ -18,9 +18,9 @@ from typing import Callable, NoReturn, Optional, Sequence
 
 USAGE_ERROR = 2
 INTERRUPTED = 1
-# torchrun stops every rank as soon as one exits: the ranks that print nothing wait this long
-# first, so that rank 0's line is out before torchrun kills it.
-SILENT_RANK_DELAY_S = 3.0
+# torchrun stops every rank as soon as one exits. The ranks that print nothing wait this long
+# before exiting, so rank 0's line is out first; once rank 0 exits, torchrun stops them.
+SILENT_RANK_DELAY_S = 5.0
 
 
 class UsageError(ValueError):

@@ -255,10 +255,18 @@ def test_launcher_under_torchrun_runs_two_ranks():
     assert "launching on" not in proc.stdout  # no second torchrun inside
 
 
-def test_launcher_under_torchrun_reports_a_usage_error_once(tmp_path):
-    proc = run_command(TORCHRUN + ["--sliding-window-size", "200", "--save", str(tmp_path / "ckpt")])
+def test_launcher_under_torchrun_reports_a_usage_error_once(tmp_path, tokenizer_512):
+    """An error found after the process groups start (the data's token ids, reduced over the
+    ranks): every rank stops, one line is printed."""
+    docs = [[1, 2, 3] * 50 for _ in range(30)]
+    docs[17][9] = 900
+    prefix = write_indexed_dataset(str(tmp_path / "docs"), docs)
+    proc = run_command(TORCHRUN + ["--no-mock-data", "--data-path", prefix, "--tokenizer-model",
+                                   tokenizer_512, "--save", str(tmp_path / "ckpt")])
     assert proc.returncode != 0
-    assert len(error_lines(proc)) == 1, proc.stderr[-3000:]
-    assert "--sliding-window-size 200 = 204 >= --seq-length 128" in error_lines(proc)[0]
+    assert error_lines(proc) == [
+        f"error: --data-path {prefix} holds token id 900, beyond the model's vocabulary of 512 "
+        f"(padded): it was made with a larger tokenizer; give the tokenizer it was made with and "
+        f"--vocab-size > 900, or preprocess it again"], proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary of the failed ranks
     assert not (tmp_path / "ckpt").exists()
