@@ -243,6 +243,21 @@ def test_train_command_reports_usage_errors(tmp_path, capsys):
         f"error: --save {REPO / 'README.md'} is a file; give a directory (it is created if missing)"]
 
 
+def test_other_ranks_stay_silent_and_wait_for_rank_0(monkeypatch, capsys):
+    from megatron_longgen.utils import cli
+
+    waited = []
+    monkeypatch.setattr(cli.time, "sleep", waited.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # ranks from RANK
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(lambda argv: cli.fail("bad"), []) == USAGE_ERROR
+    assert capsys.readouterr().err == "" and waited == [cli.SILENT_RANK_DELAY_S]
+    monkeypatch.setenv("RANK", "0")
+    assert run_main(lambda argv: cli.fail("bad"), []) == USAGE_ERROR
+    assert capsys.readouterr().err == "error: bad\n" and len(waited) == 1
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "--no-python", "launch/pretrain_longgen.sh", "--config", "launch/configs/tiny_cpu.yaml"]
 
