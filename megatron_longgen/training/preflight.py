@@ -1,9 +1,9 @@
 """Checks of what a run reads and writes, made before any work so a mistake costs seconds.
 
-``check_files`` needs no process group (paths of ``--save``, ``--data-path``, ``--load``...);
-``check_vocabulary`` compares the tokenizer and the data with the model's vocabulary, where a
-token id beyond the embedding table would otherwise fail deep inside the first step (an
-``IndexError`` on CPU, a device-side assert on GPU).
+``check_files`` needs no process group (paths of ``--save``, ``--data-path``, ``--load``...).
+``check_tokenizer_vocabulary`` and ``check_dataset_token_ids`` compare the tokenizer and the
+data with the model's vocabulary: a token id beyond the embedding table would otherwise fail
+inside the first step (an ``IndexError`` on CPU, a device-side assert on GPU).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_longgen.checkpoint.megatron_io import checkpoint_dir
 from megatron_longgen.training.arguments import TrainConfig
-from megatron_longgen.training.checkpointing import TRACKER, checkpoint_name
-from megatron_longgen.utils.cli import fail
+from megatron_longgen.training.checkpointing import TRACKER
+from megatron_longgen.utils.cli import UsageError, fail
 
 # Tokens per chunk of the token-id scan (128 MiB of uint16), and the size that earns progress lines.
 SCAN_CHUNK = 1 << 26
@@ -45,24 +46,16 @@ def check_checkpoint_dir(root: str) -> None:
     if not os.path.isdir(root):
         fail(f"--load {root} " + ("is a file; give a checkpoint directory" if os.path.exists(root)
                                   else "does not exist"))
-    if os.path.isfile(os.path.join(root, "metadata.json")):
-        return  # one checkpoint, e.g. iter_0000100
-    tracker = os.path.join(root, TRACKER)
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            fail(f"--load {root}: {TRACKER} should hold an iteration number, found {text!r}")
-        if not os.path.isdir(checkpoint_name(root, int(text))):
-            fail(f"--load {root}: {TRACKER} names iteration {text}, but "
-                 f"{checkpoint_name(root, int(text))} does not exist")
-        return
-    if os.path.isfile(os.path.join(root, "config.json")) and (
-            glob.glob(os.path.join(root, "*.safetensors")) or glob.glob(os.path.join(root, "*.bin"))):
+    if (not os.path.exists(os.path.join(root, TRACKER))
+            and os.path.isfile(os.path.join(root, "config.json"))
+            and glob.glob(os.path.join(root, "*.safetensors")) + glob.glob(os.path.join(root, "*.bin"))):
         fail(f"--load {root} is a Hugging Face model, not a Megatron checkpoint; convert it first: "
              f"python tools/convert_hf_to_megatron.py --hf-dir {root} --megatron-dir DIR, "
              f"then --load DIR")
-    fail(f"--load {root} holds no checkpoint: neither {TRACKER} nor a checkpoint's metadata.json "
-         f"(give the --save directory of an earlier run, or one iter_XXXXXXX folder in it)")
+    try:
+        checkpoint_dir(root, None)
+    except (UsageError, RuntimeError) as err:  # RuntimeError: a corrupt tracker
+        fail(f"--load {root}: {err}")
 
 
 def check_tokenizer_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer_model: str) -> None:

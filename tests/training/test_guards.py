@@ -153,8 +153,8 @@ def test_bad_paths_fail_before_anything_is_written(tmp_path):
         (["--mock-data", "--tensorboard-dir", str(a_file)], "--tensorboard-dir .*a_file is a file"),
         (["--mock-data", "--data-cache-path", str(a_file)], "--data-cache-path .*a_file is a file"),
         (["--mock-data", "--load", str(hf)], "is a Hugging Face model.*tools/convert_hf_to_megatron.py"),
-        (["--mock-data", "--load", str(empty)], "holds no checkpoint"),
-        (["--mock-data", "--load", str(stale)], r"names iteration 100, but .*iter_0000100 does not exist"),
+        (["--mock-data", "--load", str(empty)], "no checkpoint in .*empty: neither latest_checkpointed_iteration.txt"),
+        (["--mock-data", "--load", str(stale)], r"checkpoint .*stale/iter_0000100 does not exist"),
         (["--mock-data", "--load", str(a_file)], "is a file"),
         (["--data-path", str(tmp_path / "blend.json"), "--tokenizer-model", "x"], "no such blend file"),
     ]

@@ -10,7 +10,6 @@ import torch
 
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import parse_args
-from megatron_longgen.train import prepare
 from megatron_longgen.training.trainer import Trainer
 from megatron_longgen.utils.cli import UsageError
 
@@ -128,8 +127,8 @@ def test_bad_flags_and_config(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
-        prepare(parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none"))))
+    with pytest.raises(UsageError, match="--load .*none does not exist"):
+        Trainer(parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none"))))
 
 
 def test_launcher_runs_two_ranks_on_cpu():
