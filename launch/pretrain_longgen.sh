@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# LongGen training launcher: sbatch-able on SLURM, or a plain single-node torchrun.
+# LongGen training launcher: sbatch-able on SLURM, a single-node run that starts torchrun
+# itself, or one rank of your own torchrun.
 #
 #   sbatch --nodes=4 launch/pretrain_longgen.sh --config launch/configs/llama2_7b_128k_longgen.yaml \
 #          --data-path /data/longdocs_text_document --load /ckpt/llama2-7b-mcore --finetune --save /ckpt/longgen-7b
 #   bash launch/pretrain_longgen.sh --config launch/configs/tiny_cpu.yaml          # one node
+#   torchrun --nproc-per-node 8 --no-python launch/pretrain_longgen.sh --config ...  # your torchrun
 #
+# Under torchrun (it sets TORCHELASTIC_RUN_ID) the script is one rank: it runs the trainer
+# directly instead of starting a second torchrun.
 # Environment: NPROC_PER_NODE (default: GPUs on the node, or 2 without GPUs), MASTER_PORT
 # (default 29500), PYTHON (default python3).
 #SBATCH --job-name=longgen
@@ -19,6 +23,13 @@ if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "${SLURM_SUBMIT_DIR}/pretrain_longgen.py"
   REPO=${SLURM_SUBMIT_DIR}  # sbatch runs a copy of this script from a spool directory
 fi
 PYTHON=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP/SP comm overlap ordering
+
+if [[ -n "${TORCHELASTIC_RUN_ID:-}" ]]; then  # already one rank of a torchrun job
+  exec "${PYTHON}" "${REPO}/pretrain_longgen.py" "$@"
+fi
+
 MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then NPROC_PER_NODE=${SLURM_GPUS_ON_NODE}
@@ -26,8 +37,6 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   else NPROC_PER_NODE=2
   fi
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP/SP comm overlap ordering
 
 if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]; then
   MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)

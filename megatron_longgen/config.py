@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_longgen.utils.cli import UsageError
+
 from megatron_longgen.attention.patterns import (
     VERT_STRIDE_RULES,
     AttnSinkPattern,
@@ -141,7 +143,7 @@ class LongGenConfig(TransformerConfig, LongGenFields):
 
     def _validate_longgen(self):
         def fail(msg):
-            raise ValueError(f"LongGenConfig: {msg}")
+            raise UsageError(f"LongGenConfig: {msg}")
 
         if self.sparse_attention not in SPARSE_PATTERNS:
             fail(f"sparse_attention must be one of {SPARSE_PATTERNS}, got {self.sparse_attention!r}")
@@ -231,6 +233,32 @@ class LongGenConfig(TransformerConfig, LongGenFields):
             num_query_groups=self.num_query_groups,
             vert_stride_rule=self.vert_stride_rule,
         )
+
+    def sparse_reads_everything(self, seq_length: int) -> Optional[str]:
+        """Why the sparse layers would read every earlier token at ``seq_length`` (so that the
+        hybrid silently trains an all-full model), or None when they are sparse there."""
+        if len(self.full_layer_indices) == self.num_layers:
+            return None  # no sparse layers
+        if self.sparse_attention == "attn_sink":
+            seen = self.sink_tokens + self.sliding_window_size
+            if seen >= seq_length:
+                fix = (f"use a window below {seq_length - self.sink_tokens}"
+                       if seq_length - self.sink_tokens > 1 else "use fewer sink tokens")
+                return (f"--sink-tokens {self.sink_tokens} + --sliding-window-size "
+                        f"{self.sliding_window_size} = {seen} >= --seq-length {seq_length}: every "
+                        f"query of the sparse layers sees every key; {fix} (LongGen trains "
+                        f"64 sinks + a 4K window at 128K)")
+            return None
+        local = self.local_blocks * self.sparse_block_size
+        if local >= seq_length:
+            return (f"--local-blocks {self.local_blocks} x --sparse-block-size "
+                    f"{self.sparse_block_size} = {local} >= --seq-length {seq_length}: every query "
+                    f"block of the sparse layers reads every key block; use --local-blocks below "
+                    f"{-(-seq_length // self.sparse_block_size)}")
+        if self.vert_stride == 1:
+            return ("--vert-stride 1 makes every key block a vertical one that all later blocks "
+                    "read, i.e. full attention; use a stride >= 2 (LongGen uses 8)")
+        return None
 
     def layer_pattern(self, layer_number: int) -> Pattern:
         """The attention pattern of Megatron layer ``layer_number`` (1-based, global)."""

@@ -22,6 +22,7 @@ from megatron.core.datasets.utils import Split
 
 from megatron_longgen.data.blend import load_blend
 from megatron_longgen.data.tokenizer import Tokenizer
+from megatron_longgen.utils.cli import fail
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build_train_valid_datasets(cfg: DataConfig, tokenizer: Tokenizer, is_built_o
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
     train, valid, _ = builder.build()
     if train is None or len(train) == 0:
-        raise ValueError("the train split is empty: check the blend and the split string")
+        fail(f"the train split is empty: check --data-path and --split {cfg.split!r}")
     if sizes[1] == 0 or (valid is not None and len(valid) == 0):
         valid = None
     return train, valid
@@ -115,7 +116,7 @@ def _check_splits_have_documents(config: GPTDatasetConfig, sizes: Sequence[int])
             beg, end = bookends or (0.0, 0.0)
             count = int(round(end * n_docs)) - int(round(beg * n_docs))
             if count <= 0:
-                raise ValueError(
+                fail(
                     f"{split.name} split of {prefix} has no documents ({n_docs} documents, split "
                     f"{config.split!r}); give that split a larger share or request no {split.name} samples"
                 )

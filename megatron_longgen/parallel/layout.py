@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 from megatron_longgen.models.linear_cross_entropy import chunk_tokens
 from megatron_longgen.models.presets import ModelPreset
+from megatron_longgen.utils.cli import UsageError
 
 GiB = 1024 ** 3
 
@@ -36,12 +37,12 @@ def validate_layout(
     seq_length: Optional[int] = None,
     num_microbatches: Optional[int] = None,
 ) -> None:
-    """Raise ValueError, naming the fix, if the model cannot be laid out this way."""
+    """Raise UsageError, naming the fix, if the model cannot be laid out this way."""
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     vpp = virtual_pipeline_model_parallel_size or 1
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
-        raise ValueError(
+        raise UsageError(
             f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
             f"{model_parallel}; launch a multiple of {model_parallel} processes or change the "
             f"parallel sizes")
@@ -52,7 +53,7 @@ def validate_layout(
                         ("query groups (K/V heads)", num_query_groups),
                         ("FFN hidden size", ffn_hidden_size)):
         if count % tp:
-            raise ValueError(
+            raise UsageError(
                 f"{count} {what} cannot be split over --tensor-model-parallel-size {tp}; "
                 f"use a tensor-parallel size that divides the heads ({num_attention_heads}), "
                 f"the query groups ({num_query_groups}) and the FFN size ({ffn_hidden_size}): "
@@ -64,10 +65,10 @@ def validate_layout(
                f"use a --virtual-pipeline-model-parallel-size among "
                f"{[v for v in _divisors(num_layers // pp) if v > 1] if num_layers % pp == 0 else []}"
                f" (or drop it), with --pipeline-model-parallel-size among {_divisors(num_layers)}")
-        raise ValueError(f"{num_layers} layers cannot be split evenly into {stages} "
+        raise UsageError(f"{num_layers} layers cannot be split evenly into {stages} "
                          f"({pp * vpp} chunks); {fix}, or change --num-layers")
     if vpp > 1 and num_microbatches is not None and num_microbatches < pp:
-        raise ValueError(
+        raise UsageError(
             f"the interleaved (virtual) pipeline needs at least PP = {pp} micro-batches per step, "
             f"got {num_microbatches}; raise --global-batch-size or lower --micro-batch-size")
     if seq_length is not None:
@@ -76,7 +77,7 @@ def validate_layout(
         if seq_length % shards:
             parts = " x ".join(p for p in (f"TP {tp}" if sequence_parallel else "",
                                            f"2 x CP {cp}" if cp > 1 else "") if p)
-            raise ValueError(f"--seq-length {seq_length} must be divisible by {parts} = {shards} "
+            raise UsageError(f"--seq-length {seq_length} must be divisible by {parts} = {shards} "
                              f"(each rank holds an equal slice of the sequence)")
 
 
@@ -152,7 +153,7 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     fragmentation.
     """
     if layout.recompute not in ("none", "selective", "full"):
-        raise ValueError("recompute must be none, selective or full")
+        raise UsageError("recompute must be none, selective or full")
     tp, pp, cp = layout.tp, layout.pp, layout.cp
     vpp = layout.vpp or 1
     h, f = shape.hidden_size, shape.ffn_hidden_size

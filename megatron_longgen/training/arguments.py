@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -24,7 +25,7 @@ from megatron_longgen.config import (
     VERT_STRIDE_RULES,
     LongGenFields,
 )
-from megatron_longgen.utils.cli import fail
+from megatron_longgen.utils.cli import ArgumentParser, UsageError, fail
 
 
 @dataclass
@@ -111,36 +112,72 @@ class TrainConfig:
 
     def validate(self, world_size: int, datasets_given: bool = False) -> None:
         """Impossible settings fail here, before any work starts, with the fix in the message.
-        The parallel layout (world size, heads, layers, sequence slices) is checked by
-        ``validate_train_layout``; the rest here."""
+        Sizes first (the layout arithmetic divides by them), then the parallel layout (world
+        size, heads, layers, sequence slices: ``validate_train_layout``), then the rest, and
+        last the model itself (``LongGenConfig``'s checks and its sparse pattern)."""
         from megatron_longgen.parallel.layout import validate_train_layout
+        from megatron_longgen.training.setup import model_config_from
 
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                fail(f"{_flag(name)} must be > 0, got {value}")
+        for name in _NON_NEGATIVE:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                fail(f"{_flag(name)} must be >= 0, got {value}")
+        if self.min_lr > self.lr:
+            fail(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         validate_train_layout(self, world_size)
         dp = world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                             * self.context_parallel_size)
         if self.global_batch_size % (self.micro_batch_size * dp):
-            raise ValueError(
-                f"--global-batch-size {self.global_batch_size} must be a multiple of "
-                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}")
+            fail(f"--global-batch-size {self.global_batch_size} must be a multiple of "
+                 f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}")
         if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
-            raise ValueError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
+            fail("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size >= 2")
+            fail("--sequence-parallel needs --tensor-model-parallel-size >= 2")
         if not (self.mock_data or self.data_path or datasets_given):
-            raise ValueError("give --data-path (prefixes from tools/preprocess_data.py) or --mock-data")
+            fail("give --data-path (prefixes from tools/preprocess_data.py) or --mock-data")
+        if self.data_path and not self.mock_data and not self.tokenizer_model:
+            fail("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
         if self.finetune and not self.load:
-            raise ValueError("--finetune loads weights from --load; give --load")
+            fail("--finetune loads weights from --load; give --load")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+            fail(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
         decay_iters = self.lr_decay_iters or self.train_iters
         if self.lr_warmup_iters >= decay_iters:
-            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be below the decay "
-                             f"length ({decay_iters} iterations: --lr-decay-iters or --train-iters)")
+            fail(f"--lr-warmup-iters {self.lr_warmup_iters} must be below the decay "
+                 f"length ({decay_iters} iterations: --lr-decay-iters or --train-iters)")
         if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError("--recompute-granularity must be full or selective")
+            fail("--recompute-granularity must be full or selective")
         if self.cross_entropy_fusion_impl and not self.cross_entropy_loss_fusion:
             fail(f"--cross-entropy-fusion-impl {self.cross_entropy_fusion_impl} takes effect only "
                  "with --cross-entropy-loss-fusion; add it (or drop the impl)")
+        try:
+            model = model_config_from(self)
+        except UsageError:  # LongGenConfig's own checks say what to change
+            raise
+        except (ValueError, AssertionError) as err:  # Megatron's TransformerConfig checks
+            fail(f"model settings rejected by Megatron-Core: {err}")
+        # The training length decides: a window that covers it trains full attention only.
+        reason = model.sparse_reads_everything(self.seq_length)
+        if reason:
+            fail(reason)
+
+
+# Sizes and counts that must be positive when given (None: the preset's or not used).
+_POSITIVE = (
+    "seq_length", "vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
+    "global_batch_size", "train_iters", "lr_decay_iters", "recompute_num_layers",
+    "save_interval", "exit_interval", "eval_interval", "log_interval",
+    "sliding_window_size", "sparse_block_size", "local_blocks", "vert_stride", "rotary_base",
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+)
+_NON_NEGATIVE = ("lr", "min_lr", "sink_tokens", "lr_warmup_iters", "eval_iters", "weight_decay",
+                 "clip_grad")
 
 
 MODEL_FIELDS = (
@@ -278,7 +315,7 @@ def add_longgen_arguments(group) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pretrain_longgen.py",
         description="LongGen length-extension training on Megatron-Core.",
     )
@@ -304,28 +341,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    values: Dict[str, Any] = {}
-    if ns.config:
-        with open(ns.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            parser.error(f"{ns.config}: expected a mapping of flag names to values")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                parser.error(f"{ns.config}: unknown key {key!r}")
-            values[name] = value
+    ns = build_parser().parse_args(argv)
+    values: Dict[str, Any] = load_config_file(ns.config) if ns.config else {}
     for f in dataclasses.fields(TrainConfig):
         given = getattr(ns, f.name)
         if given is not None:
             values[f.name] = given
-    if isinstance(values.get("data_path"), str):
-        values["data_path"] = values["data_path"].split()
     if values.get("load"):  # the checkpoint's model settings fill in (and check) the flags
         from megatron_longgen.training.checkpoint_args import LoadedCheckpoint, merge_checkpoint_settings
 
         values = merge_checkpoint_settings(values, LoadedCheckpoint.read(values["load"]))
     return TrainConfig(**values)
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A ``--config`` YAML file as TrainConfig values, each checked against its field's type
+    (YAML guesses types from the text: ``seq-length: "4k"`` must not reach the trainer)."""
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as err:
+        fail(f"--config {path}: {err.strerror}")
+    except yaml.YAMLError as err:
+        fail(f"--config {path} is not valid YAML: {' '.join(str(err).split())}")
+    if not isinstance(loaded, dict):
+        fail(f"--config {path}: expected a mapping of flag names to values")
+    types = typing.get_type_hints(TrainConfig)
+    values = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in types:
+            fail(f"--config {path}: unknown key {key!r} (keys are the flags' names, e.g. seq-length)")
+        values[name] = _config_value(path, key, value, types[name])
+        if name in _CHOICES and values[name] is not None and values[name] not in _CHOICES[name]:
+            fail(f"--config {path}: {key} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+    return values
+
+
+def _config_value(path: str, key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the type ``annotation`` (int, float, bool, str, Optional / List of them)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        item = args[0]
+        if item is str and isinstance(value, str):  # data-path: "W1 P1 W2 P2" on one line
+            value = value.split()
+        if not isinstance(value, list):
+            value = [value]
+        return [_config_value(path, key, v, item) for v in value]
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not _has_type(value, annotation):
+        fail(f"--config {path}: {key} must be {_TYPE_NAMES[annotation]}, got {value!r}")
+    return float(value) if annotation is float else value
+
+
+def _has_type(value: Any, annotation: type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, not to a flag
+        return annotation is bool
+    return isinstance(value, (int, float) if annotation is float else annotation)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

@@ -46,6 +46,9 @@ def read_latest_iteration(root: str) -> Optional[int]:
 def checkpoint_dir(root: str, iteration: Optional[int] = None) -> str:
     """The complete checkpoint directory ``root`` names: ``root`` itself if it is one, else
     its ``iteration`` (default: the tracked one)."""
+    if not os.path.isdir(root):
+        fail(f"no checkpoint at {root}: " + ("it is a file; give a checkpoint directory"
+                                             if os.path.exists(root) else "it does not exist"))
     if os.path.isfile(os.path.join(root, "metadata.json")):
         return root
     iteration = iteration if iteration is not None else read_latest_iteration(root)

@@ -23,6 +23,7 @@ from megatron_longgen.data.datasets import iterate_batches
 from megatron_longgen.training.batches import RandomTokenDataset, packed_seq_params_from_eod
 from megatron_longgen.training.flops import training_flops_per_sequence
 from megatron_longgen.training.logger import MetricsLogger, memory_gb, peak_tflops, print_rank0
+from megatron_longgen.training.preflight import check_files
 from megatron_longgen.training.setup import (
     build_model,
     build_optimizer,
@@ -102,6 +103,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         # Before any model is built: flags, data and the parallel layout.
         train.validate(dist.get_world_size(), datasets_given=datasets is not None)
+        check_files(train)
         self.config = model_config_from(train)
         # What --load holds; parse_args already took its model settings into ``train``.
         self.loaded = LoadedCheckpoint.read(train.load) if train.load else None

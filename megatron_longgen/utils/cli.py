@@ -10,12 +10,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 from typing import Callable, NoReturn, Optional, Sequence
 
 USAGE_ERROR = 2
 INTERRUPTED = 1
+# torchrun stops every rank as soon as one exits. The ranks that print nothing wait this long
+# before exiting, so rank 0's line is out first; once rank 0 exits, torchrun stops them.
+SILENT_RANK_DELAY_S = 5.0
 
 
 class UsageError(ValueError):
@@ -24,6 +29,14 @@ class UsageError(ValueError):
 
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad value) are UsageErrors: one line on rank 0
+    under torchrun instead of a usage text from every rank; same exit status, 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def is_rank_zero() -> bool:
@@ -41,6 +54,8 @@ def is_rank_zero() -> bool:
 def report_error(message: str) -> None:
     if is_rank_zero():
         print(f"error: {message}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(SILENT_RANK_DELAY_S)
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]],

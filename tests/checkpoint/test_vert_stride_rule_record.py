@@ -35,7 +35,9 @@ def test_new_runs_use_the_covering_rule():
     assert _pattern(parse_args(TRAIN_FLAGS)).vert_stride_rule == "cover"
     legacy = parse_args(TRAIN_FLAGS + ["--vert-stride-rule", "legacy"])
     assert _pattern(legacy).vert_stride_rule == "legacy"
-    with pytest.raises(SystemExit):  # argparse's choices: exit status 2
+    from megatron_longgen.utils.cli import UsageError
+
+    with pytest.raises(UsageError, match="--vert-stride-rule: invalid choice: 'dense'"):
         parse_args(TRAIN_FLAGS + ["--vert-stride-rule", "dense"])
 
 

@@ -27,7 +27,7 @@ def test_trains_on_preprocessed_data_with_validation(prepared, tmp_path):
                    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
                    "--data-path", blend, "--tokenizer-model", model, "--split", "90,10,0",
                    "--eval-interval", "4", "--eval-iters", "1", "--eod-mask-loss",
-                   "--sliding-window-size", "16", "--save", str(tmp_path / "ckpt")])
+                   "--sink-tokens", "4", "--sliding-window-size", "16", "--save", str(tmp_path / "ckpt")])
     assert sorted(result.losses) == [1, 2, 3, 4]
     assert 4 in result.eval_losses
     assert result.checkpoint.endswith("iter_0000004")
