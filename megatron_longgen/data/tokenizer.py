@@ -15,6 +15,8 @@ from typing import Iterable, List, Optional, Sequence
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_longgen.utils.cli import UsageError
+
 # Megatron's names first; the short aliases are accepted too.
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "sentencepiece")
 HUGGINGFACE_TYPES = ("HuggingFaceTokenizer", "huggingface", "hf")
@@ -24,7 +26,7 @@ TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES
 NO_PAD_ID = -1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError):
     """The tokenizer could not be found, loaded or is of an unknown type."""
 
 
