@@ -48,6 +48,10 @@ def staged_output(final_dir: str, overwrite: bool = False, flag: str = "output")
     check_output_dir(final_dir, flag, overwrite)
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
+    created = parent  # the outermost folder this call creates, removed again on failure
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(parent) else created
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
     try:
@@ -57,4 +61,6 @@ def staged_output(final_dir: str, overwrite: bool = False, flag: str = "output")
         os.replace(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise

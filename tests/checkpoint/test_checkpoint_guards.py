@@ -102,7 +102,7 @@ def test_output_that_is_a_file_is_refused_up_front(models, tmp_path, overwrite):
 
 def test_staged_output_removes_its_temporary_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
-        with staged_output(str(tmp_path / "out")) as tmp:
+        with staged_output(str(tmp_path / "new" / "deeper" / "out")) as tmp:  # folders it makes, too
             Path(tmp, "half.bin").write_bytes(b"x")
             raise RuntimeError("disk full")
     assert os.listdir(tmp_path) == []
