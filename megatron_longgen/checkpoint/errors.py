@@ -20,10 +20,9 @@ def check_separate(source: str, source_flag: str, output: str, output_flag: str)
     spellings are resolved first."""
     src, out = os.path.realpath(source), os.path.realpath(output)
     if os.path.commonpath([src, out]) in (src, out):
-        where = "is" if src == out else "overlaps"
-        raise ConversionError(f"{output_flag} {output} {where} {source_flag} {source} "
-                              f"(both resolve to {src} and {out}); write the output to a separate "
-                              "directory")
+        where = "is" if src == out else "lies inside" if out.startswith(src) else "holds"
+        raise ConversionError(f"{output_flag} {output} {where} {source_flag} {source} (resolved: "
+                              f"{out} and {src}); write the output to a separate directory")
 
 
 def check_output_dir(final_dir: str, flag: str, overwrite: bool = False) -> None:

@@ -75,3 +75,4 @@ def test_every_flag_has_help(name):
     silent = [a.option_strings[0] for a in parser._actions
               if a.option_strings and not isinstance(a, argparse._HelpAction) and not a.help]
     assert silent == []
+    assert "--help" in parser.format_help()  # every help string renders (no stray %)
