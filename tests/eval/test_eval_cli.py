@@ -140,7 +140,7 @@ def test_cli_perplexity_from_an_indexed_dataset(megatron_cpu, tokenizer, tmp_pat
 
 def test_cli_usage_errors_are_one_line_before_any_model_is_loaded(tokenizer, tmp_path, capsys):
     a_file = tmp_path / "a_file"
-    a_file.write_text("x")
+    a_file.write_text("x")  # also a document far shorter than --ppl-seq-length
     base = ["--load", str(tmp_path / "nowhere"), "--tokenizer-model", tokenizer.path,
             "--output-dir", str(tmp_path / "out"), "--lengths", "224", "--depths", "0", "--no-progress"]
     cases = [
@@ -151,6 +151,11 @@ def test_cli_usage_errors_are_one_line_before_any_model_is_loaded(tokenizer, tmp
         (["--output-dir", str(a_file)], f"--output-dir: {a_file} is a file, not a directory"),
         (["--haystack", str(tmp_path / "essays.txt")], "--haystack: .*essays.txt is not a file"),
         (["--evict-sink", "4"], "--evict-sink and --evict-window go together"),
+        (["--tasks", ""], "nothing to evaluate: give --tasks, --ppl-text or --ppl-data-path"),
+        (["--tasks", "", "--ppl-text", str(a_file), "--ppl-seq-length", "64"],
+         "no perplexity window: every --ppl-text / --ppl-data-path document is shorter than "
+         "--ppl-seq-length 64"),
+        (["--ppl-data-path", str(tmp_path / "heldout")], "--ppl-data-path: .*heldout.bin is not a file"),
         ([], f"checkpoint directory {tmp_path / 'nowhere'} does not exist"),
     ]
     cli = load_cli()
