@@ -151,6 +151,15 @@ def test_corrupt_json_is_named(models, tmp_path, name):
     assert os.listdir(tmp_path) == ["hf"]
 
 
+def test_config_without_a_shape_field_is_named(models, tmp_path):
+    hf = copy(models[0], tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=f"{hf / 'config.json'} lacks num_hidden_layers"):
+        convert(hf, tmp_path / "mg")
+
+
 def test_truncated_or_missing_distcp_file_is_named(megatron_ckpt, tmp_path):
     mg = copy(megatron_ckpt, tmp_path / "mg")
     shard = sorted((mg / "iter_0000000").glob("*.distcp"))[-1]
