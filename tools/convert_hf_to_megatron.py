@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from megatron_longgen.checkpoint.verify import add_verify_arguments
+from megatron_longgen.utils.cli import run_main
 
 from megatron_longgen.config import longgen_fields
 from megatron_longgen.training.arguments import add_longgen_arguments
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP the trainer will use: checked against heads/groups, sets vocab padding")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1,
                    help="PP the trainer will use: checked against the number of layers")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="dtype of the saved weights (the trainer's --bf16/--fp16 should match)")
     g = p.add_argument_group("LongGen settings (recorded with the checkpoint)")
     add_longgen_arguments(g)
     g.add_argument("--rotary-base", type=float, default=None,
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_longgen.checkpoint import ConversionError, ImportOptions, hf_to_megatron
+    from megatron_longgen.checkpoint import ImportOptions, hf_to_megatron
     from megatron_longgen.checkpoint.record import LongGenSettings
 
     settings = LongGenSettings(**longgen_fields(args), rotary_base=args.rotary_base)
@@ -50,13 +52,9 @@ def main(argv=None) -> int:
         target_pipeline_parallel_size=args.target_pipeline_parallel_size, dtype=args.dtype,
         longgen=settings, verify=args.verify, verify_seq_length=args.verify_seq_length,
         verify_tolerance=args.verify_tolerance, overwrite=args.overwrite)
-    try:
-        hf_to_megatron(opts)
-    except (ConversionError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    hf_to_megatron(opts)
     return 0
 
 
 if __name__ == "__main__":  # guard needed: dist_checkpointing starts a spawn-mode Manager
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from megatron_longgen.checkpoint.verify import add_verify_arguments
+from megatron_longgen.utils.cli import run_main
 
 
 def _size(text: str) -> int:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_longgen.checkpoint import ConversionError, ExportOptions, megatron_to_hf
+    from megatron_longgen.checkpoint import ExportOptions, megatron_to_hf
 
     opts = ExportOptions(
         megatron_dir=args.megatron_dir, hf_dir=args.hf_dir, iteration=args.iteration,
@@ -53,13 +54,9 @@ def main(argv=None) -> int:
         max_shard_size=args.max_shard_size, verify=args.verify,
         verify_seq_length=args.verify_seq_length, verify_tolerance=args.verify_tolerance,
         overwrite=args.overwrite)
-    try:
-        megatron_to_hf(opts)
-    except (ConversionError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    megatron_to_hf(opts)
     return 0
 
 
 if __name__ == "__main__":  # guard needed: dist_checkpointing starts a spawn-mode Manager
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -19,6 +19,15 @@ import argparse
 import sys
 from typing import List, Optional
 
+from megatron_longgen.utils.cli import fail, run_main
+
+
+def _ids(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -27,21 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
-    prompt.add_argument("--prompt-ids", action="append",
+    prompt.add_argument("--prompt-ids", action="append", type=_ids,
                         help="comma-separated token ids (repeat for a batch)")
     p.add_argument("--tokenizer-model", default=None, help="needed for --prompt and text output")
-    p.add_argument("--tokenizer-type", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tokenizer-type", default=None,
+                   help="SentencePieceTokenizer or HuggingFaceTokenizer (default: from the path)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens to generate per prompt (prompt + new tokens must fit --max-length)")
     p.add_argument("--max-length", type=int, default=None,
                    help="cache length (default: the model's max_position_embeddings)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the likeliest tokens up to this probability mass")
     p.add_argument("--stop-token", type=int, action="append", default=None,
                    help="default: the tokenizer's end-of-sequence token, if any")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: random; shared by all tensor-parallel ranks)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: one GPU per rank (LOCAL_RANK under torchrun)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="split heads/MLP/vocabulary over this many ranks (torchrun, one node)")
     p.add_argument("--attention", choices=["auto", "exact", "fast"], default="auto",
@@ -62,11 +76,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         tokenizer = build_tokenizer(args.tokenizer_model, args.tokenizer_type)
     if args.prompt and tokenizer is None:
-        raise SystemExit("--prompt needs --tokenizer-model (or pass --prompt-ids)")
+        fail("--prompt needs --tokenizer-model (or pass --prompt-ids)")
     if args.prompt:
         prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in args.prompt]
     else:
-        prompts = [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
+        prompts = args.prompt_ids
+    if not all(prompts):
+        fail("every --prompt / --prompt-ids needs at least one token")
+    stop = args.stop_token
+    if stop is None:
+        stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id >= 0 else []
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed)
 
     import torch
     import torch.distributed as dist
@@ -78,24 +99,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     vocab = model.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
-        raise SystemExit(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
+        fail(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab} (--prompt-ids)")
     max_length = args.max_length or model.max_sequence_length
     longest = max(len(p) for p in prompts)
-    if longest > max_length:
-        raise SystemExit(f"prompt of {longest} tokens exceeds the maximum length {max_length} "
-                         f"(--max-length, or the model's max_position_embeddings)")
+    needed = longest + args.max_new_tokens - 1  # the last new token is never fed back
+    if needed > max_length:
+        fail(f"a prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} needs "
+             f"{needed} positions, more than the maximum length {max_length} (--max-length, or "
+             f"the model's max_position_embeddings): shorten the prompt or lower --max-new-tokens")
     engine = InferenceEngine(model, max_length, chunk_size=args.chunk_size,
                              attention=args.attention)
     rank = dist.get_rank()
     if tp > 1 and args.seed is None:  # every rank must draw the same tokens: one shared seed
         seed = torch.randint(0, 2**31 - 1, (1,), device=args.device)
         dist.broadcast(seed, src=0)
-        args.seed = int(seed)
-    stop = args.stop_token
-    if stop is None:
-        stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id >= 0 else []
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed)
+        cfg.seed = int(seed)
 
     def show(ids):
         return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
@@ -117,4 +135,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

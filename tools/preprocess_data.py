@@ -16,8 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_longgen.data.preprocess import DataError, PreprocessConfig, format_report, preprocess  # noqa: E402
-from megatron_longgen.data.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_longgen.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
+from megatron_longgen.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_longgen.utils.cli import fail, run_main  # noqa: E402
 
 
 def _name_value(text: str, what: str):
@@ -35,7 +36,7 @@ def _source_weight(text: str):
         raise argparse.ArgumentTypeError(f"weight of {name!r} is not a number: {value!r}") from None
 
 
-def get_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("input")
     g.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
@@ -66,15 +67,14 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--chunk-size", type=int, default=16, help="documents per worker task")
     g.add_argument("--quiet", action="store_true", help="no progress line and no report on stdout")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = get_args(argv)
+    args = build_parser().parse_args(argv)
     weights = dict(args.source_weight)
     if len(weights) != len(args.source_weight):
-        print("error: a source weight is given twice", file=sys.stderr)
-        return 2
+        fail("a source weight is given twice (--source-weight)")
     cfg = PreprocessConfig(
         inputs=list(args.input),
         output_prefix=args.output_prefix,
@@ -91,15 +91,11 @@ def main(argv=None) -> int:
         source_weights=weights,
         progress=not args.quiet,
     )
-    try:
-        report = preprocess(cfg)
-    except (DataError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    report = preprocess(cfg)
     if not args.quiet:
         print(format_report(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_longgen.checkpoint import layout, megatron_io, verify
-from megatron_longgen.checkpoint.errors import ConversionError, staged_output
+from megatron_longgen.checkpoint.errors import (ConversionError, check_output_dir, check_separate,
+                                                 staged_output)
 from megatron_longgen.config import LongGenFields, longgen_fields, with_unrecorded_fields
 from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
@@ -119,7 +120,10 @@ def _hf_record(hf_dir: str, longgen: LongGenSettings, dtype: str, tp: int = 1,
         shape=shape, longgen=longgen, padded_vocab_size=padded_vocab_size(shape.vocab_size, tp),
         dtype=dtype, target_tensor_parallel_size=tp, target_pipeline_parallel_size=pp,
         hf_config=hf_config)
-    megatron_io.megatron_config(record)  # LongGen settings are checked before any work
+    try:  # LongGen settings are checked before any work
+        megatron_io.megatron_config(record)
+    except ValueError as err:  # LongGenConfig / TransformerConfig validation
+        raise ConversionError(str(err)) from err
     return record, weights
 
 
@@ -134,9 +138,11 @@ def _megatron_model_from_hf(record: CheckpointRecord, weights: LazyHFWeights, de
 def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
     """Convert ``opts.hf_dir`` into a trainer checkpoint at ``opts.megatron_dir``."""
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+    check_separate(opts.hf_dir, "--hf-dir", opts.megatron_dir, "--megatron-dir")
+    check_output_dir(opts.megatron_dir, "--megatron-dir", opts.overwrite)
     record, weights = _hf_record(opts.hf_dir, opts.longgen, opts.dtype, tp, pp)
     model = _megatron_model_from_hf(record, weights)
-    with staged_output(opts.megatron_dir, opts.overwrite) as tmp:
+    with staged_output(opts.megatron_dir, opts.overwrite, "--megatron-dir") as tmp:
         if opts.verify:
             _verify_import(model, opts, record)
         megatron_io.save(model, tmp)
@@ -147,9 +153,14 @@ def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
 
 def _verify_import(model, opts: ImportOptions, record: CheckpointRecord) -> verify.LogitComparison:
     """HF LlamaForCausalLM vs the imported weights with every Megatron layer full."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(opts.hf_dir, dtype=DTYPES[opts.dtype]).eval()
+    # The reference runs at the base the Megatron model was given (a raised --rotary-base
+    # changes every position's rotation, so HF at its own rope_theta would not match).
+    hf_config = LlamaConfig.from_pretrained(opts.hf_dir)
+    hf_config.rope_parameters = {**(hf_config.rope_parameters or {}), "rope_theta": record.rotary_base}
+    hf = LlamaForCausalLM.from_pretrained(opts.hf_dir, config=hf_config,
+                                          dtype=DTYPES[opts.dtype]).eval()
     ids = verify.sample_tokens(record.shape.vocab_size, seq_length=opts.verify_seq_length)
     expected = verify.hf_logits(hf, ids)
     del hf
@@ -285,6 +296,10 @@ def _copy_tokenizer(tokenizer_dir: str, directory: str) -> List[str]:
 
 def megatron_to_hf(opts: ExportOptions) -> CheckpointRecord:
     """Export a trainer or converted checkpoint (any TP/PP layout) to an HF folder."""
+    check_separate(opts.megatron_dir, "--megatron-dir", opts.hf_dir, "--hf-dir")
+    if opts.tokenizer_dir:  # --overwrite must not delete the folder the tokenizer comes from
+        check_separate(opts.tokenizer_dir, "--tokenizer-dir", opts.hf_dir, "--hf-dir")
+    check_output_dir(opts.hf_dir, "--hf-dir", opts.overwrite)
     megatron_io.init_single_process()
     record = megatron_io.record_for(opts.megatron_dir, opts.iteration)
     dtype = opts.dtype or record.dtype
@@ -297,7 +312,7 @@ def megatron_to_hf(opts: ExportOptions) -> CheckpointRecord:
             "export without --plain-llama to keep the hybrid attention")
     model = megatron_io.build_model(record)
     megatron_io.load(model, opts.megatron_dir, opts.iteration)
-    with staged_output(opts.hf_dir, opts.overwrite) as tmp:
+    with staged_output(opts.hf_dir, opts.overwrite, "--hf-dir") as tmp:
         _write_hf_weights(model, record, tmp, DTYPES[dtype], opts.max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(_hf_config_dict(record, dtype, opts.plain_llama), fh, indent=2)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from megatron_longgen.checkpoint.errors import ConversionError
 
@@ -36,12 +38,29 @@ class LlamaShape:
     tie_word_embeddings: bool
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; a corrupt or unreadable file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"cannot read {path}: {err}; restore the file from the original "
+                              "model") from err
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{hf_dir} has no config.json; is it an HF model folder?")
-    with open(path) as fh:
-        return json.load(fh)
+    cfg = _read_json(path)
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                           "num_attention_heads", "vocab_size") if k not in cfg]
+    if missing and cfg.get("model_type") in ("llama", "longgen"):
+        raise ConversionError(f"{path} lacks {', '.join(missing)}")
+    return cfg
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -96,8 +115,10 @@ class LazyHFWeights:
         for index_name, single, safe in ((SAFE_INDEX, SAFE_SINGLE, True), (BIN_INDEX, BIN_SINGLE, False)):
             index, one = os.path.join(hf_dir, index_name), os.path.join(hf_dir, single)
             if os.path.isfile(index):
-                with open(index) as fh:
-                    self._where = dict(json.load(fh)["weight_map"])
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ConversionError(f"{index} has no weight_map")
+                self._where = dict(weight_map)
                 self.safetensors = safe
                 break
             if os.path.isfile(one):
@@ -120,13 +141,15 @@ class LazyHFWeights:
         if filename not in self._handles:
             path = os.path.join(self.hf_dir, filename)
             safe = self.safetensors if safe is None else safe
-            if safe:
-                from safetensors import safe_open
-
-                self._handles[filename] = safe_open(path, framework="pt", device="cpu")
-            else:  # mmap: tensors are paged in when read, not at load
-                self._handles[filename] = torch.load(path, map_location="cpu", mmap=True,
-                                                     weights_only=True)
+            try:
+                if safe:  # checks that the file holds every byte its header promises
+                    self._handles[filename] = safe_open(path, framework="pt", device="cpu")
+                else:  # mmap: tensors are paged in when read, not at load
+                    self._handles[filename] = torch.load(path, map_location="cpu", mmap=True,
+                                                         weights_only=True)
+            except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+                raise ConversionError(f"cannot read weight file {path} (truncated or corrupt?): "
+                                      f"{err}") from err
         return self._handles[filename]
 
     def names(self) -> Iterable[str]:

@@ -72,7 +72,31 @@ def save(model, root: str) -> str:
     return checkpointing.save_checkpoint(root, 0, [model], None, None, consumed_samples=0)
 
 
+def check_storage_files(path: str) -> None:
+    """Every ``.distcp`` file of a torch_dist checkpoint holds the bytes its ``.metadata`` says:
+    a truncated or missing file is an error naming it, before any model is built (the
+    loader's own error names no file)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as err:  # a short or corrupt .metadata: pickle, EOF or OS errors
+        raise ConversionError(f"cannot read {os.path.join(path, '.metadata')} (truncated or "
+                              f"corrupt?): {err!r}") from err
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ConversionError(f"checkpoint file {file} is missing; copy the whole {path}")
+        if os.path.getsize(file) < size:
+            raise ConversionError(f"checkpoint file {file} is truncated: {os.path.getsize(file)} "
+                                  f"bytes, its metadata needs {size}; copy it again")
+
+
 def _saved_tensor_meta(path: str) -> Dict[str, object]:
+    check_storage_files(path)
     return dist_checkpointing.load_tensors_metadata(path)
 
 

@@ -78,6 +78,8 @@ def add_verify_arguments(parser, what: str) -> None:
     """``--verify`` and its settings, shared by both conversion tools."""
     group = parser.add_argument_group("verification")
     group.add_argument("--verify", action="store_true", help=what)
-    group.add_argument("--verify-seq-length", type=int, default=128)
+    group.add_argument("--verify-seq-length", type=int, default=128,
+                       help="tokens per sequence of the comparison (2 sequences); longer than the "
+                            "sliding window or block span to exercise the sparse layers")
     group.add_argument("--verify-tolerance", type=float, default=None,
                        help="max |logit diff| allowed (default: 1e-3 fp32, 0.1 fp16, 0.5 bf16)")

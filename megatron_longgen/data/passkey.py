@@ -82,6 +82,15 @@ class PasskeySample:
         return self.token_ids[self.answer_token_span[0] : self.answer_token_span[1]]
 
 
+class PasskeyTooShort(ValueError):
+    """``num_tokens`` cannot hold the needle and the question; ``needed`` tokens can."""
+
+    def __init__(self, num_tokens: int, needed: int):
+        super().__init__(f"num_tokens={num_tokens} is too small for the needle and the question "
+                         f"(they need {needed} tokens)")
+        self.needed = needed
+
+
 def split_sentences(text: str) -> List[str]:
     return [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if s.strip()]
 
@@ -126,7 +135,7 @@ def make_passkey_sample(
         return len(tokenizer.encode(_compose(fill, depth, needle, fmt.question) + answer))
 
     if length(0) > num_tokens:
-        raise ValueError(f"num_tokens={num_tokens} is too small for the needle and the question")
+        raise PasskeyTooShort(num_tokens, length(0))
     # Double an upper bound on the filler sentences, then binary-search the largest that fits.
     lo, hi = 0, 8
     while length(hi) <= num_tokens:

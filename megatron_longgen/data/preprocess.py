@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,13 +41,14 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_longgen.data.blend import BLEND_FORMAT
 from megatron_longgen.data.tokenizer import TokenizerSpec
+from megatron_longgen.utils.cli import UsageError, check_output_directory
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 JSON_SUFFIXES = (".jsonl", ".json")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad input data or options; the message names the file (and line) at fault."""
 
 
@@ -236,6 +238,13 @@ def _worker_init(spec: TokenizerSpec, prepend_bos: bool, append_eod: bool) -> No
     _WORKER["framing"] = (prepend_bos, append_eod)
 
 
+def _pool_worker_init(spec: TokenizerSpec, prepend_bos: bool, append_eod: bool) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and cleans up), so
+    # the workers print no tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(spec, prepend_bos, append_eod)
+
+
 def _worker_encode(text: str) -> Optional[numpy.ndarray]:
     if not text:
         return None
@@ -281,6 +290,13 @@ def output_paths(output_prefix: str, source: str) -> Dict[str, str]:
 def _check_config(cfg: PreprocessConfig) -> None:
     if not cfg.output_prefix:
         raise DataError("no output prefix given (--output-prefix)")
+    if not os.path.basename(cfg.output_prefix):
+        raise DataError(f"--output-prefix {cfg.output_prefix!r} ends in a directory separator; give "
+                        "a file-name prefix such as data/tok/corpus")
+    try:
+        check_output_directory(os.path.dirname(os.path.abspath(cfg.output_prefix)), "--output-prefix")
+    except UsageError as err:
+        raise DataError(str(err)) from None
     if cfg.workers < 1:
         raise DataError("workers must be at least 1")
     if cfg.text_document not in ("file", "paragraph"):
@@ -323,7 +339,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessReport:
     try:
         if cfg.workers > 1:
             pool = multiprocessing.get_context("fork").Pool(
-                cfg.workers, initializer=_worker_init, initargs=(spec, cfg.prepend_bos, cfg.append_eod)
+                cfg.workers, initializer=_pool_worker_init, initargs=(spec, cfg.prepend_bos, cfg.append_eod)
             )
             encode = lambda docs: pool.imap(_worker_encode, docs, chunksize=cfg.chunk_size)  # noqa: E731
         else:

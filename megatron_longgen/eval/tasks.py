@@ -26,10 +26,12 @@ import os
 import random
 import string
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
-from megatron_longgen.data.passkey import DEFAULT_FILLER, make_passkey_sample, split_sentences
+from megatron_longgen.data.passkey import (DEFAULT_FILLER, PasskeyTooShort, make_passkey_sample,
+                                           split_sentences)
 from megatron_longgen.data.tokenizer import Tokenizer
+from megatron_longgen.utils.cli import fail
 
 TASKS = ("passkey", "niah", "niah_multikey", "niah_multivalue", "variable_tracking",
          "common_words", "frequent_words")
@@ -83,14 +85,24 @@ def load_haystack(path: Optional[str] = None) -> str:
         return f.read()
 
 
-def _fit(tokenizer: Tokenizer, num_tokens: int, build: Callable[[int], str], answer: str) -> int:
-    """Largest filler count n with ``build(n) + answer`` within ``num_tokens`` tokens."""
-    def fits(n: int) -> bool:
-        return len(tokenizer.encode(build(n) + answer)) <= num_tokens
+def _too_small(task: str, num_tokens: int, needed: int) -> NoReturn:
+    fail(f"length {num_tokens} is too small for task {task}: its facts and question need at "
+         f"least {needed} tokens; raise --lengths to {needed} or more")
 
-    if not fits(0):
-        raise ValueError(f"num_tokens={num_tokens} is too small for the task's facts and question")
-    lo, hi = 0, 8
+
+def _fit(tokenizer: Tokenizer, num_tokens: int, build: Callable[[int], str], answer: str,
+         task: str, least: int = 0) -> int:
+    """Largest filler count n >= ``least`` with ``build(n) + answer`` within ``num_tokens``
+    tokens; a length too small even for ``least`` is a usage error that says the minimum."""
+    def tokens(n: int) -> int:
+        return len(tokenizer.encode(build(n) + answer))
+
+    def fits(n: int) -> bool:
+        return tokens(n) <= num_tokens
+
+    if not fits(least):
+        _too_small(task, num_tokens, tokens(least))
+    lo, hi = least, max(8, 2 * least)
     while fits(hi):
         lo, hi = hi, hi * 2
     while lo + 1 < hi:
@@ -122,7 +134,10 @@ def _number(rng: random.Random, digits: int = 7) -> str:
 
 def passkey_item(tokenizer: Tokenizer, num_tokens: int, depth: float, seed: int,
                  haystack: Optional[str] = None) -> EvalItem:
-    s = make_passkey_sample(tokenizer, num_tokens, depth, seed, haystack)
+    try:
+        s = make_passkey_sample(tokenizer, num_tokens, depth, seed, haystack)
+    except PasskeyTooShort as err:
+        _too_small("passkey", num_tokens, err.needed)
     return EvalItem("passkey", s.prompt, [s.passkey],
                     {"length": num_tokens, "depth": depth, "seed": seed, "tokens": s.num_tokens},
                     max_new_tokens=8)
@@ -153,7 +168,7 @@ def niah_item(tokenizer: Tokenizer, num_tokens: int, depth: float, seed: int,
         return " ".join(_insert(_cycle(sentences, offset, n), inserts) + [question])
 
     answer_room = " " + ", ".join(values)
-    prompt = build(_fit(tokenizer, num_tokens, build, answer_room))
+    prompt = build(_fit(tokenizer, num_tokens, build, answer_room, task))
     return EvalItem(task, prompt, values,
                     {"length": num_tokens, "depth": depth, "seed": seed, "key": keys[0],
                      "num_keys": num_keys, "num_values": num_values},
@@ -198,7 +213,7 @@ def variable_tracking_item(tokenizer: Tokenizer, num_tokens: int, seed: int,
         return " ".join(_insert(_cycle(sentences, offset, n), inserts) + [question])
 
     answer_room = " " + " ".join(answers)
-    prompt = build(_fit(tokenizer, num_tokens, build, answer_room))
+    prompt = build(_fit(tokenizer, num_tokens, build, answer_room, "variable_tracking"))
     return EvalItem("variable_tracking", prompt, list(answers),
                     {"length": num_tokens, "depth": None, "seed": seed, "value": value,
                      "hops": hops, "num_chains": num_chains},
@@ -235,9 +250,7 @@ def _word_list_item(tokenizer, num_tokens, seed, task, draw: Callable[[random.Ra
         return f"Below is a numbered list of words. {listing} {question}"
 
     answer_room = " " + ", ".join(common)
-    rounds = _fit(tokenizer, num_tokens, build, answer_room)
-    if rounds == 0:
-        raise ValueError(f"num_tokens={num_tokens} is too small for a word list")
+    rounds = _fit(tokenizer, num_tokens, build, answer_room, task, least=1)
     return EvalItem(task, build(rounds), list(common),
                     {"length": num_tokens, "depth": None, "seed": seed, "rounds": rounds},
                     max_new_tokens=6 * k + 4)
@@ -286,7 +299,7 @@ def make_item(task: str, tokenizer: Tokenizer, num_tokens: int, depth: Optional[
         return common_words_item(tokenizer, num_tokens, seed)
     if task == "frequent_words":
         return frequent_words_item(tokenizer, num_tokens, seed)
-    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    fail(f"unknown task {task!r} (--tasks); choose from {', '.join(TASKS)}")
 
 
 def build_items(tokenizer: Tokenizer, tasks: Sequence[str], lengths: Sequence[int],

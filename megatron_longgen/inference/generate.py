@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from megatron_longgen.inference.engine import InferenceEngine, Prompts, pad_prompts
+from megatron_longgen.utils.cli import fail
 
 # Streaming callback: (sequence index, new token id) for every token as it is chosen.
 OnToken = Callable[[int, int], None]
@@ -22,15 +23,15 @@ class SamplingConfig:
     stop_tokens: Sequence[int] = ()  # a stop token ends its sequence (and is not returned)
     seed: Optional[int] = None
 
-    def __post_init__(self):
+    def __post_init__(self):  # usage errors: these come straight from the CLI's flags
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            fail(f"max_new_tokens (--max-new-tokens) must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            fail(f"temperature (--temperature) must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            fail(f"top_k (--top-k) must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            fail(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -39,6 +39,19 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def check_output_directory(path: str, flag: str) -> None:
+    """Before any work: ``path`` (a directory the command creates or writes into) must not be a
+    file, nor lie under one."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag}: {path} is a file, not a directory; choose another path")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{flag}: {path} cannot be created: {parent} is a file, not a directory")
+
+
 def is_rank_zero() -> bool:
     """Rank 0 of a torchrun job (or a plain process), without needing torch.distributed."""
     try:

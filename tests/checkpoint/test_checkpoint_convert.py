@@ -287,4 +287,5 @@ def test_cli_round_trip_with_verify(hf_models, tmp_path):
     assert "verify OK" in back.stderr
     bad = run("tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "nowhere"),
               "--megatron-dir", str(tmp_path / "x"))
-    assert bad.returncode != 0 and "no config.json" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: ")
+    assert "no config.json" in bad.stderr and "Traceback" not in bad.stderr

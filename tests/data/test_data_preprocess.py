@@ -14,6 +14,7 @@ from megatron_longgen.data.preprocess import (
     preprocess,
 )
 from megatron_longgen.data.tokenizer import TokenizerError, build_tokenizer
+from megatron_longgen.utils.cli import run_main
 
 DOCS = [
     "The sky is blue. Here we go.",
@@ -190,6 +191,46 @@ def test_cli(tmp_path, capsys):
     assert "document length histogram" in captured.out and "[stories]" in captured.err
     prefixes, weights = load_blend(str(out) + "_blend.json")
     assert len(prefixes) == 3 and sum(weights) == pytest.approx(1.0)
-    rc = main(["--input", f"x={tmp_path / 'nope.jsonl'}", "--output-prefix", str(out),
-               "--tokenizer-model", tiny_tokenizer_model()])
-    assert rc == 1 and "nope.jsonl' does not exist" in capsys.readouterr().err
+    rc = run_main(main, ["--input", f"x={tmp_path / 'nope.jsonl'}", "--output-prefix", str(out),
+                         "--tokenizer-model", tiny_tokenizer_model()])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "nope.jsonl' does not exist" in err
+
+
+def test_output_prefix_under_a_file_or_ending_in_a_separator_is_refused(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ["x"])
+    (tmp_path / "tok").write_text("a file")
+    with pytest.raises(DataError, match=r"--output-prefix: .*tok is a file, not a directory"):
+        preprocess(_cfg([("s", src)], tmp_path / "tok" / "corpus"))
+    with pytest.raises(DataError, match=r"cannot be created: .*tok is a file"):
+        preprocess(_cfg([("s", src)], tmp_path / "tok" / "deeper" / "corpus"))
+    with pytest.raises(DataError, match="ends in a directory separator"):
+        preprocess(_cfg([("s", src)], str(tmp_path / "out") + os.sep))
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "tok"]
+
+
+def test_ctrl_c_exits_1_with_one_line_and_no_partial_output(tmp_path):
+    """Ctrl-C reaches the whole process group (workers too), as from a terminal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_helpers import REPO
+
+    big = write_jsonl(tmp_path / "big.jsonl", ["A longer document about nothing. " * 200] * 4000)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", f"big={big}",
+         "--output-prefix", str(out / "c"), "--tokenizer-model", tiny_tokenizer_model(), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while not (out.is_dir() and any(".tmp-" in f for f in os.listdir(out))):  # writing has begun
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert not out.exists()  # the folder the run created is gone again, with every temporary

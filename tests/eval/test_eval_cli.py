@@ -4,11 +4,13 @@ exports of it; and tensor parallel on two gloo ranks against one process."""
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import torch
 
 from megatron_longgen.models.gpt import build_longgen_model
+from megatron_longgen.utils.cli import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "parallel"))
@@ -134,3 +136,31 @@ def test_cli_perplexity_from_an_indexed_dataset(megatron_cpu, tokenizer, tmp_pat
         losses[name] = json.load(open(out / "report.json"))["perplexity_by_position"]["loss"]
     assert len(losses["indexed"]) == 4
     assert losses["indexed"] == losses["text"]
+
+
+def test_cli_usage_errors_are_one_line_before_any_model_is_loaded(tokenizer, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")  # also a document far shorter than --ppl-seq-length
+    base = ["--load", str(tmp_path / "nowhere"), "--tokenizer-model", tokenizer.path,
+            "--output-dir", str(tmp_path / "out"), "--lengths", "224", "--depths", "0", "--no-progress"]
+    cases = [
+        (["--tasks", "passkey,needle"], "unknown task 'needle' in --tasks; choose from passkey, niah,"),
+        (["--depths", "0,1.5"], r"--depths must lie in \[0, 1\] .*got \[1.5\]"),
+        (["--tasks", "niah", "--lengths", "16"],
+         r"length 16 is too small for task niah: its facts and question need at least \d+ tokens"),
+        (["--output-dir", str(a_file)], f"--output-dir: {a_file} is a file, not a directory"),
+        (["--haystack", str(tmp_path / "essays.txt")], "--haystack: .*essays.txt is not a file"),
+        (["--evict-sink", "4"], "--evict-sink and --evict-window go together"),
+        (["--tasks", ""], "nothing to evaluate: give --tasks, --ppl-text or --ppl-data-path"),
+        (["--tasks", "", "--ppl-text", str(a_file), "--ppl-seq-length", "64"],
+         "no perplexity window: every --ppl-text / --ppl-data-path document is shorter than "
+         "--ppl-seq-length 64"),
+        (["--ppl-data-path", str(tmp_path / "heldout")], "--ppl-data-path: .*heldout.bin is not a file"),
+        ([], f"checkpoint directory {tmp_path / 'nowhere'} does not exist"),
+    ]
+    cli = load_cli()
+    for flags, message in cases:
+        assert run_main(cli.main, base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match("error: " + message, err), (flags, err)
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]

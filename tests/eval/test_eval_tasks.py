@@ -7,6 +7,7 @@ import pytest
 from megatron_longgen.data.passkey import split_sentences
 from megatron_longgen.eval import tasks
 from megatron_longgen.eval.tasks import NIAH_NEEDLE, build_items, load_haystack
+from megatron_longgen.utils.cli import UsageError
 
 LENGTHS, DEPTHS = [256, 512], [0.0, 0.5, 1.0]
 
@@ -86,3 +87,21 @@ def test_word_extraction_answers_are_most_common(items):
         assert sorted(top) == sorted(it.answers)
         rest = max(c for w, c in counts.items() if w not in it.answers)
         assert min(counts[w] for w in it.answers) > rest
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_too_small_length_says_the_minimum(tokenizer, task):
+    """The reported minimum is exact: that length builds an item within it, one less fails."""
+    depth = 0.5 if task in tasks.DEPTH_TASKS else None
+    with pytest.raises(UsageError, match=f"length 8 is too small for task {task}") as err:
+        tasks.make_item(task, tokenizer, 8, depth, seed=1)
+    needed = int(re.search(r"need at least (\d+) tokens; raise --lengths", str(err.value)).group(1))
+    item = tasks.make_item(task, tokenizer, needed, depth, seed=1)
+    assert len(tokenizer.encode(item.prompt)) <= needed
+    with pytest.raises(UsageError, match=f"length {needed - 1} is too small .* at least {needed} "):
+        tasks.make_item(task, tokenizer, needed - 1, depth, seed=1)
+
+
+def test_unknown_task_is_a_usage_error(tokenizer):
+    with pytest.raises(UsageError, match="unknown task 'ruler' .--tasks.; choose from passkey, niah"):
+        tasks.make_item("ruler", tokenizer, 256, None, seed=0)

@@ -13,6 +13,7 @@ from megatron_longgen.inference.engine import InferenceEngine
 from megatron_longgen.inference.generate import SamplingConfig, filter_logits, generate
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import get_preset, longgen_config
+from megatron_longgen.utils.cli import UsageError, run_main
 
 VOCAB = get_preset("tiny").vocab_size
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,10 +103,24 @@ def test_cli_generates_from_a_trainer_checkpoint(megatron_cpu, tmp_path, capsys)
     want = reference_greedy(model.eval(), prompt, 5)
     assert f"[0] {' '.join(map(str, want))}" in out
     assert "block_sparse:" in out and "causal:" in out
-    # Clear errors: a prompt past the maximum length, a TP size the heads cannot be split by.
-    with pytest.raises(SystemExit, match="exceeds the maximum length 16"):
+    # Clear errors: a prompt past the maximum length, a prompt + new tokens past the model's
+    # positions (39 + 26 - 1 = 64 fits in 64, one more does not), a TP size the heads cannot be
+    # split by.
+    with pytest.raises(UsageError, match="needs 43 positions, more than the maximum length 16"):
         cli.main(["--load", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
-                  "--max-length", "16"])
+                  "--max-length", "16", "--max-new-tokens", "5"])
+    assert cli.main(["--load", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
+                     "--max-new-tokens", "26"]) == 0
+    assert run_main(cli.main, ["--load", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
+                               "--max-new-tokens", "27"]) == 2
+    assert capsys.readouterr().err == (
+        "error: a prompt of 39 tokens + --max-new-tokens 27 needs 65 positions, more than the "
+        "maximum length 64 (--max-length, or the model's max_position_embeddings): shorten the "
+        "prompt or lower --max-new-tokens\n")
+    with pytest.raises(UsageError, match="--max-new-tokens.* must be >= 1, got 0"):
+        cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2", "--max-new-tokens", "0"])
+    with pytest.raises(ConversionError, match=f"checkpoint directory {tmp_path / 'nowhere'} does not exist"):
+        cli.main(["--load", str(tmp_path / "nowhere"), "--prompt-ids", "1,2"])
     with pytest.raises(ConversionError, match="tensor parallel size 3 must divide"):
         cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2",
                   "--tensor-model-parallel-size", "3"])

@@ -23,6 +23,9 @@ def test_interrupt_is_one_line_and_exit_status_1(capsys):
 
 
 def test_only_rank_zero_prints(capsys, monkeypatch):
+    import torch.distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # rank from RANK
     monkeypatch.setenv("RANK", "3")
     assert run_main(lambda argv: fail("bad"), []) == USAGE_ERROR
     assert capsys.readouterr().err == ""
