@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Long-context evaluation of a LongGen Megatron checkpoint: synthetic retrieval tasks and
-perplexity by position, written as report.json, summary.md and PNG plots.
+perplexity by position, written as report.json, summary.md and PNG figures (an NIAH-style
+heatmap per depth-swept task, perplexity by position; ``tools/plot.py`` overlays several).
 
 Example (one process, TP = PP = 1; ``--load`` may also be an HF export or Llama folder):
 
@@ -25,6 +26,10 @@ import itertools
 import os
 import sys
 from typing import List, Optional
+
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
 
 
 def _floats(s: str) -> List[float]:
@@ -97,6 +102,18 @@ def load_model(args):
         raise SystemExit(f"cannot load {args.load}: {err}") from err
 
 
+def model_label(args) -> str:
+    """The evaluated model as figures and report.json name it: the checkpoint's folder and the
+    attention it ran with."""
+    name = os.path.basename(os.path.normpath(args.load))
+    if args.all_full:
+        name += ", all-full"
+    if args.evict_sink is not None:
+        name += (f", sink {args.evict_sink} + window {args.evict_window} eviction"
+                 f"{' after prefill' if args.evict_after_prefill else ''}")
+    return name
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_longgen.checkpoint.megatron_io import all_full_attention
@@ -104,6 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_longgen.eval import runner
     from megatron_longgen.eval.tasks import build_items, load_haystack
     from megatron_longgen.inference.engine import InferenceEngine
+    from megatron_longgen.utils.accelerators import describe
 
     import torch
 
@@ -122,6 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"prompts need {longest} positions; the model has "
                          f"{model.max_sequence_length}")
     if rank == 0:
+        print(f"accelerators: {describe()}", file=sys.stderr)
         print(f"{len(items)} items over tasks {tasks}, lengths {args.lengths}", file=sys.stderr)
 
     with all_full_attention(model) if args.all_full else contextlib.nullcontext():
@@ -151,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f" (sink {args.evict_sink} + window {args.evict_window} eviction"
         f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'})"
         if args.evict_sink is not None else "")
-    paths = runner.write_report(args.output_dir, results, ppl, config, title)
+    paths = runner.write_report(args.output_dir, results, ppl, config, title, model_label(args))
     with open(paths["markdown"], encoding="utf-8") as f:
         print(f.read())
     for name, path in paths.items():

@@ -19,6 +19,10 @@ import argparse
 import sys
 from typing import List, Optional
 
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

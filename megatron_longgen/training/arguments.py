@@ -71,6 +71,8 @@ class TrainConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None
+    metrics_log: bool = True  # JSON lines, --no-metrics-log: off
+    metrics_log_path: Optional[str] = None  # default: SAVE/metrics.jsonl
     peak_tflops: Optional[float] = None
     device: str = "cuda"
     # LongGen model fields (None = the preset's / LongGenConfig's default)
