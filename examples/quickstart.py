@@ -204,13 +204,16 @@ def write_heatmap(path: Path, results: dict, depth_range, length: int, bins: int
     lo, hi = depth_range
     edges = np.linspace(lo, hi, bins + 1)
     grid = np.full((bins, len(results)), np.nan)
+    counts = np.zeros(bins, dtype=int)  # prompts per bin: every model answers the same ones
     for c, r in enumerate(results.values()):
         rows = np.minimum(((np.asarray(r["per_item_depth"]) - lo) / (hi - lo) * bins).astype(int), bins - 1)
         exact = np.asarray(r["per_item_exact"], dtype=float)
+        counts = np.bincount(rows, minlength=bins)
         for b in range(bins):
-            if (rows == b).any():
+            if counts[b]:
                 grid[b, c] = exact[rows == b].mean()
-    labels = [f"{100 * a:g}-{100 * b:g}%" for a, b in zip(edges, edges[1:])]
+    labels = [f"{100 * a:g}-{100 * b:g}%\n{n} prompt{'' if n == 1 else 's'}"
+              for a, b, n in zip(edges, edges[1:], counts)]
     return plots.depth_by_model_heatmap(str(path), labels, list(results), grid,
                                         title=f"Passkey at {length} tokens: exact match by depth and model")
 

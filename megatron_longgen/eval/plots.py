@@ -17,6 +17,7 @@ import numpy as np
 
 DPI = 150
 ACCURACY_CMAP = "RdYlGn"  # red 0% through yellow to green 100%, as NIAH heatmaps are drawn
+SHOW_POINTS = 50  # curves with at most this many points mark them (one logged step is a dot)
 
 
 def _figure(width: float, height: float):
@@ -125,14 +126,14 @@ def training_curves(path: str, runs: Mapping[str, Mapping[str, Dict[int, float]]
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     for i, (label, series) in enumerate(runs.items()):
         colour = f"C{i % 10}"
-        for key, style, name in (("lm loss", {"linewidth": 1.2}, "train"),
-                                 ("lm loss validation", {"marker": "o", "linestyle": "--"}, "validation")):
+        for ax, key, name, style in ((loss_ax, "lm loss", " train", {"linewidth": 1.2}),
+                                     (loss_ax, "lm loss validation", " validation",
+                                      {"marker": "o", "linestyle": "--"}),
+                                     (lr_ax, "lr", "", {"linewidth": 1.2})):
             points = sorted((series.get(key) or {}).items())
             if points:
-                loss_ax.plot(*zip(*points), color=colour, label=f"{label} {name}", **style)
-        lr = sorted((series.get("lr") or {}).items())
-        if lr:
-            lr_ax.plot(*zip(*lr), color=colour, label=label)
+                sparse = {"marker": "."} if len(points) <= SHOW_POINTS else {}
+                ax.plot(*zip(*points), color=colour, label=label + name, **{**sparse, **style})
     loss_ax.set_ylabel("LM loss (nats per token)")
     loss_ax.set_title(title)
     loss_ax.grid(alpha=0.3)

@@ -138,7 +138,8 @@ def test_quickstart_heatmap_bins_depths_per_model(tmp_path):
     ax = fig.axes[0]
     assert ax.get_title() == "Passkey at 128 tokens: exact match by depth and model"
     assert ax.get_xlabel() == "model" and ax.get_ylabel() == "needle depth (% of the context)"
-    assert tick_labels(ax.yaxis) == ["0-10%", "10-20%", "20-30%", "30-40%", "40-50%"]
+    assert tick_labels(ax.yaxis) == ["0-10%\n1 prompt", "10-20%\n2 prompts", "20-30%\n0 prompts",
+                                     "30-40%\n1 prompt", "40-50%\n1 prompt"]
     assert [t.replace("\n", " ") for t in tick_labels(ax.xaxis)] == list(results)
     # Rows top to bottom, hybrid then sparse in each row.
     assert cell_texts(ax) == ["100", "0", "50", "0", "n/a", "n/a", "0", "100", "100", "100"]
