@@ -18,9 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def load_script(name, path):
+    """An entry-point script as a module; the environment it sets for its child processes
+    (``quiet_fallback_warnings``) is put back."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))
+        spec.loader.exec_module(module)
     return module
 
 
