@@ -1,7 +1,8 @@
 """Optional GPU-cluster accelerators: detected at run time, never required.
 
 Megatron-Core itself picks up apex / TransformerEngine fused optimizers and kernels when they
-import; this module only reports what is there so a run's log says what it used.
+import; this module reports what is there so a run's log says what it used, and lets entry
+points hide Megatron-Core's warnings about what is not.
 """
 
 from __future__ import annotations
