@@ -103,14 +103,14 @@ def load_model(args):
 
 
 def model_label(args) -> str:
-    """The evaluated model as figures and report.json name it: the checkpoint's folder and the
-    attention it ran with."""
+    """The evaluated model as the summary, the figures and report.json name it: the checkpoint's
+    folder and the attention it ran with."""
     name = os.path.basename(os.path.normpath(args.load))
     if args.all_full:
         name += ", all-full"
     if args.evict_sink is not None:
         name += (f", sink {args.evict_sink} + window {args.evict_window} eviction"
-                 f"{' after prefill' if args.evict_after_prefill else ''}")
+                 f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'}")
     return name
 
 
@@ -166,11 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank != 0:  # every rank ran the same items; rank 0 reports
         return 0
     config = {k: v for k, v in vars(args).items()}
-    title = "Long-context evaluation" + (" (all-full)" if args.all_full else "") + (
-        f" (sink {args.evict_sink} + window {args.evict_window} eviction"
-        f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'})"
-        if args.evict_sink is not None else "")
-    paths = runner.write_report(args.output_dir, results, ppl, config, title, model_label(args))
+    label = model_label(args)
+    paths = runner.write_report(args.output_dir, results, ppl, config,
+                                f"Long-context evaluation: {label}", label)
     with open(paths["markdown"], encoding="utf-8") as f:
         print(f.read())
     for name, path in paths.items():

@@ -29,6 +29,11 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _title(ax, fig, title: str) -> None:
+    """``title`` wrapped to the figure's width (about 9 characters per inch at 12 pt)."""
+    ax.set_title(textwrap.fill(title, max(30, int(9 * fig.get_figwidth())), break_on_hyphens=False))
+
+
 def _save(fig, path: str):
     fig.savefig(path, dpi=DPI)
     return fig
@@ -58,7 +63,7 @@ def _accuracy_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
     ax.set_yticks(range(rows), row_labels)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, fig, title)
     ax.tick_params(length=0)
     for r in range(rows):
         for c in range(cols):
@@ -109,7 +114,7 @@ def perplexity_by_position(path: str, curves: Mapping[str, Mapping[str, object]]
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tokens_label(int(v)) if v == int(v) else ""))
     ax.set_xlabel("position in the window (tokens; middle of each bucket)")
     ax.set_ylabel("perplexity (exp of mean next-token loss)")
-    ax.set_title(title)
+    _title(ax, fig, title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     return _save(fig, path)
@@ -135,7 +140,7 @@ def training_curves(path: str, runs: Mapping[str, Mapping[str, Dict[int, float]]
                 sparse = {"marker": "."} if len(points) <= SHOW_POINTS else {}
                 ax.plot(*zip(*points), color=colour, label=label + name, **{**sparse, **style})
     loss_ax.set_ylabel("LM loss (nats per token)")
-    loss_ax.set_title(title)
+    _title(loss_ax, fig, title)
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(loc="upper right", fontsize=8)
     lr_ax.set_ylabel("learning rate")

@@ -55,7 +55,7 @@ def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
                             *TASK_FLAGS, "--all-full", "--evict-sink", "4", "--evict-window", "64",
                             *ppl_flags(4)]) == 0
     report = json.load(open(out / "report.json"))
-    assert report["model"] == "ckpt, all-full, sink 4 + window 64 eviction"  # figure titles
+    assert report["model"] == "ckpt, all-full, sink 4 + window 64 eviction, streamed prompt"
     assert report["summary"]["passkey"]["items"] == 4
     assert len(report["perplexity_by_position"]["loss"]) == 4
     assert {"summary.md", "heatmap_passkey.png", "heatmap_niah.png", "ppl_by_position.png"} <= set(os.listdir(out))

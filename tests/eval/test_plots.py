@@ -140,7 +140,7 @@ def test_quickstart_heatmap_bins_depths_per_model(tmp_path):
     fig = quickstart.write_heatmap(path, results, (0.0, 0.5), length=128)
     assert png_size(str(path)) == (int(4.8 * plots.DPI), int(4.0 * plots.DPI))
     ax = fig.axes[0]
-    assert ax.get_title() == "Passkey at 128 tokens: exact match by depth and model"
+    assert ax.get_title().replace("\n", " ") == "Passkey at 128 tokens: exact match by depth and model"
     assert ax.get_xlabel() == "model" and ax.get_ylabel() == "needle depth (% of the context)"
     assert tick_labels(ax.yaxis) == ["0-10%\n1 prompt", "10-20%\n2 prompts", "20-30%\n0 prompts",
                                      "30-40%\n1 prompt", "40-50%\n1 prompt"]
