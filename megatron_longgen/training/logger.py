@@ -14,6 +14,7 @@ holds one JSON object per line, flushed as written and appended to on resume:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -121,6 +122,12 @@ class MetricsLogger:
             except ImportError as err:
                 raise RuntimeError("--wandb-project needs the wandb package: pip install wandb") from err
             self.wandb = wandb.init(project=wandb_project, config=run_config or {})
+
+    @classmethod
+    def for_run(cls, train, start_iteration: int) -> "MetricsLogger":
+        """The logger a training run's flags ask for (``TrainConfig``), from ``start_iteration``."""
+        return cls(train.train_iters, train.tensorboard_dir, train.wandb_project,
+                   dataclasses.asdict(train), metrics_log_file(train), start_iteration)
 
     def log(self, iteration: int, metrics: Dict[str, float], start_iteration: int) -> None:
         if not self.is_writer:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,7 +18,7 @@ from megatron_longgen.training.arguments import TrainConfig
 from megatron_longgen.data.datasets import iterate_batches
 from megatron_longgen.training.batches import RandomTokenDataset, packed_seq_params_from_eod
 from megatron_longgen.training.flops import training_flops_per_sequence
-from megatron_longgen.training.logger import MetricsLogger, memory_gb, metrics_log_file, peak_tflops, print_rank0
+from megatron_longgen.training.logger import MetricsLogger, memory_gb, peak_tflops, print_rank0
 from megatron_longgen.training.setup import (
     build_model,
     build_optimizer,
@@ -175,8 +175,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         train = self.train
         result = TrainResult(iteration=self.iteration)
-        logger = MetricsLogger(train.train_iters, train.tensorboard_dir, train.wandb_project, asdict(train),
-                               metrics_log_file(train), start_iteration=self.iteration)
+        logger = MetricsLogger.for_run(train, start_iteration=self.iteration)
         peak = peak_tflops(self.device, train.peak_tflops)
         world = dist.get_world_size()
         data_iterator = self._iterators(self.train_ds, self.consumed_samples)
