@@ -36,6 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings  # noqa: E402
+
+quiet_fallback_warnings()  # before Megatron-Core is imported; each stage's banner names them
+
 from megatron.core.utils import unwrap_model  # noqa: E402
 
 from megatron_longgen.data.datasets import DataConfig, build_train_valid_datasets  # noqa: E402
@@ -43,7 +47,7 @@ from megatron_longgen.data.mixture import MixtureDataset  # noqa: E402
 from megatron_longgen.data.passkey import PASSKEY_FORMATS, PasskeyTrainingSet  # noqa: E402
 from megatron_longgen.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
 from megatron_longgen.data.tokenizer import build_tokenizer, train_sentencepiece  # noqa: E402
-from megatron_longgen.eval import png  # noqa: E402
+from megatron_longgen.eval import plots  # noqa: E402
 from megatron_longgen.eval.passkey import passkey_accuracy_generated  # noqa: E402
 from megatron_longgen.eval.runner import EvictingEngine  # noqa: E402
 from megatron_longgen.inference.engine import InferenceEngine  # noqa: E402
@@ -149,6 +153,7 @@ def main() -> None:
     far = PasskeyTrainingSet(tokenizer, args.long_length, args.eval_samples, seed=99,
                              filler_text=filler_text(), depth_range=(0.0, 0.5),
                              fmt=PASSKEY_FORMATS[args.passkey_format])
+    far_depths = [far.sample(i).depth for i in range(args.eval_samples)]
     rotary_base = 10000 * args.long_length // args.short_length
     results = {}
     variants = [VARIANTS[m] for m in args.models]
@@ -170,7 +175,8 @@ def main() -> None:
         if placement == "all":
             engines[f"{name} + KV eviction"] = EvictingEngine(model, args.long_length, args.sinks, args.window)
         for label, engine in engines.items():
-            results[label] = {**losses, **passkey_accuracy_generated(engine, far, range(args.eval_samples))}
+            results[label] = {**losses, **passkey_accuracy_generated(engine, far, range(args.eval_samples)),
+                              "per_item_depth": far_depths}
             print(f"{label}: passkey exact match {100 * results[label]['exact']:.1f}%", flush=True)
         destroy_parallel()
 
@@ -186,24 +192,30 @@ def main() -> None:
     print("\nchance: 1 in 9 for the marked one-digit key, 10% per digit otherwise. Full-attention "
           "layers read any earlier token directly; the all-sparse model and the evicted cache must "
           "pass the passkey through windows layer by layer.")
-    write_heatmap(work / "passkey_heatmap.png", far, results, args.eval_samples)
+    write_heatmap(work / "passkey_heatmap.png", results, far.depth_range, args.long_length)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nresults in {work / 'results.json'}, heatmap in {work / 'passkey_heatmap.png'}, "
           f"checkpoints in {work} ({time.time() - started:.0f} s)")
 
 
-def write_heatmap(path: Path, far: PasskeyTrainingSet, results: dict, samples: int, bins: int = 5) -> None:
-    """Exact match by needle depth (rows, top = start of the context) and model (columns)."""
-    lo, hi = far.depth_range
-    rows = [min(int((far.sample(i).depth - lo) / (hi - lo) * bins), bins - 1) for i in range(samples)]
+def write_heatmap(path: Path, results: dict, depth_range, length: int, bins: int = 5):
+    """Exact match by needle depth (rows: ``bins`` equal bins over ``depth_range``, top = the
+    start of the context) and model (columns), from each model's per-item depths and scores."""
+    lo, hi = depth_range
+    edges = np.linspace(lo, hi, bins + 1)
     grid = np.full((bins, len(results)), np.nan)
+    counts = np.zeros(bins, dtype=int)  # prompts per bin: every model answers the same ones
     for c, r in enumerate(results.values()):
+        rows = np.minimum(((np.asarray(r["per_item_depth"]) - lo) / (hi - lo) * bins).astype(int), bins - 1)
+        exact = np.asarray(r["per_item_exact"], dtype=float)
+        counts = np.bincount(rows, minlength=bins)
         for b in range(bins):
-            hits = [e for row, e in zip(rows, r["per_item_exact"]) if row == b]
-            if hits:
-                grid[b, c] = sum(hits) / len(hits)
-    png.write_png(str(path), png.heatmap_image(grid))
-    print(f"\nheatmap rows: needle depth {lo}-{hi} in {bins} bins; columns: " + ", ".join(results))
+            if counts[b]:
+                grid[b, c] = exact[rows == b].mean()
+    labels = [f"{100 * a:g}-{100 * b:g}%\n{n} prompt{'' if n == 1 else 's'}"
+              for a, b, n in zip(edges, edges[1:], counts)]
+    return plots.depth_by_model_heatmap(str(path), labels, list(results), grid,
+                                        title=f"Passkey at {length} tokens: exact match by depth and model")
 
 
 if __name__ == "__main__":  # required: checkpoint saving starts worker processes

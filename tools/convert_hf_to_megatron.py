@@ -13,11 +13,14 @@ recorded in ``ckpt/llama2-7b/longgen_config.json`` (``trainer_flags``).
 import argparse
 import sys
 
-from megatron_longgen.checkpoint.verify import add_verify_arguments
-from megatron_longgen.utils.cli import run_main
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
 
-from megatron_longgen.config import longgen_fields
-from megatron_longgen.training.arguments import add_longgen_arguments
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
+from megatron_longgen.checkpoint.verify import add_verify_arguments  # noqa: E402
+from megatron_longgen.config import longgen_fields  # noqa: E402
+from megatron_longgen.training.arguments import add_longgen_arguments  # noqa: E402
+from megatron_longgen.utils.cli import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,12 @@ Load it with ``AutoModelForCausalLM.from_pretrained("longgen-7b-hf", trust_remot
 import argparse
 import sys
 
-from megatron_longgen.checkpoint.verify import add_verify_arguments
-from megatron_longgen.utils.cli import run_main
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
+from megatron_longgen.checkpoint.verify import add_verify_arguments  # noqa: E402
+from megatron_longgen.utils.cli import run_main  # noqa: E402
 
 
 def _size(text: str) -> int:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Long-context evaluation of a LongGen Megatron checkpoint: synthetic retrieval tasks and
-perplexity by position, written as report.json, summary.md and PNG plots.
+perplexity by position, written as report.json, summary.md and PNG figures (an NIAH-style
+heatmap per depth-swept task, perplexity by position; ``tools/plot.py`` overlays several).
 
 Example (one process, TP = PP = 1; ``--load`` may also be an HF export or Llama folder):
 
@@ -26,7 +27,11 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_longgen.utils.cli import check_output_directory, fail, run_main
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
+from megatron_longgen.utils.cli import check_output_directory, fail, run_main  # noqa: E402
 
 
 def _floats(s: str) -> List[float]:
@@ -155,6 +160,18 @@ def check_args(args) -> List[str]:
     return tasks
 
 
+def model_label(args) -> str:
+    """The evaluated model as the summary, the figures and report.json name it: the checkpoint's
+    folder and the attention it ran with."""
+    name = os.path.basename(os.path.normpath(args.load))
+    if args.all_full:
+        name += ", all-full"
+    if args.evict_sink is not None:
+        name += (f", sink {args.evict_sink} + window {args.evict_window} eviction"
+                 f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'}")
+    return name
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = check_args(args)
@@ -163,6 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_longgen.eval import runner
     from megatron_longgen.eval.tasks import build_items, load_haystack
     from megatron_longgen.inference.engine import InferenceEngine
+    from megatron_longgen.utils.accelerators import describe
 
     import torch
 
@@ -180,6 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         fail(f"--ppl-seq-length {len(windows[0]) - 1} exceeds the model's "
              f"{model.max_sequence_length} positions")
     if rank == 0:
+        print(f"accelerators: {describe()}", file=sys.stderr)
         print(f"{len(items)} items over tasks {tasks}, lengths {args.lengths}", file=sys.stderr)
 
     with all_full_attention(model) if args.all_full else contextlib.nullcontext():
@@ -198,11 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank != 0:  # every rank ran the same items; rank 0 reports
         return 0
     config = {k: v for k, v in vars(args).items()}
-    title = "Long-context evaluation" + (" (all-full)" if args.all_full else "") + (
-        f" (sink {args.evict_sink} + window {args.evict_window} eviction"
-        f"{' after a full prefill' if args.evict_after_prefill else ', streamed prompt'})"
-        if args.evict_sink is not None else "")
-    paths = runner.write_report(args.output_dir, results, ppl, config, title)
+    label = model_label(args)
+    paths = runner.write_report(args.output_dir, results, ppl, config,
+                                f"Long-context evaluation: {label}", label)
     with open(paths["markdown"], encoding="utf-8") as f:
         print(f.read())
     for name, path in paths.items():

@@ -19,7 +19,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from megatron_longgen.utils.cli import fail, run_main
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
+from megatron_longgen.utils.cli import fail, run_main  # noqa: E402
 
 
 def _ids(text: str) -> List[int]:

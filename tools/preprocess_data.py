@@ -16,6 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_longgen.utils.accelerators import quiet_fallback_warnings  # noqa: E402
+
+quiet_fallback_warnings()  # before Megatron-Core is imported
+
 from megatron_longgen.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
 from megatron_longgen.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 from megatron_longgen.utils.cli import fail, run_main  # noqa: E402

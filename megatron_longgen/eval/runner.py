@@ -10,8 +10,8 @@ cache dropping without training (the prompt streamed through that cache, or, wit
 draws against.
 
 Outputs (``write_report``): ``report.json`` (every item and the aggregates),
-``summary.md`` (tables per task, per length and the depth x length grid) and PNG plots:
-``heatmap_<task>.png`` for depth-swept tasks and ``ppl_by_position.png``.
+``summary.md`` (tables per task, per length and the depth x length grid) and figures
+(``eval/plots.py``): ``heatmap_<task>.png`` for depth-swept tasks and ``ppl_by_position.png``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from megatron_longgen.attention.patterns import AttnSinkPattern
-from megatron_longgen.eval import png
+from megatron_longgen.eval import plots
 from megatron_longgen.eval.scoring import score
 from megatron_longgen.eval.tasks import EvalItem
 from megatron_longgen.inference.engine import InferenceEngine
@@ -262,13 +262,16 @@ def markdown_summary(summary: Dict[str, dict], ppl: Optional[PerplexityByPositio
 
 def write_report(out_dir: str, results: Sequence[ItemResult],
                  ppl: Optional[PerplexityByPosition] = None, config: Optional[dict] = None,
-                 title: str = "Long-context evaluation") -> Dict[str, str]:
-    """Write report.json, summary.md and the PNG plots; returns {name: path}."""
+                 title: str = "Long-context evaluation", model: str = "model") -> Dict[str, str]:
+    """Write report.json, summary.md and the figures; returns {name: path}. ``model`` names the
+    evaluated model in the figures' titles and legends (and in report.json, for
+    ``tools/plot.py``)."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results)
     paths = {"json": os.path.join(out_dir, "report.json"),
              "markdown": os.path.join(out_dir, "summary.md")}
-    report = {"config": config or {}, "summary": summary, "items": [asdict(r) for r in results],
+    report = {"model": model, "config": config or {}, "summary": summary,
+              "items": [asdict(r) for r in results],
               "perplexity_by_position": asdict(ppl) if ppl is not None else None}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, default=str)
@@ -276,10 +279,11 @@ def write_report(out_dir: str, results: Sequence[ItemResult],
         f.write(markdown_summary(summary, ppl, title))
     for task, s in summary.items():
         if s["grid"]:
-            _, _, m = grid_matrix(s)
             paths[f"heatmap_{task}"] = os.path.join(out_dir, f"heatmap_{task}.png")
-            png.write_png(paths[f"heatmap_{task}"], png.heatmap_image(m))
+            plots.niah_heatmap(paths[f"heatmap_{task}"], *grid_matrix(s),
+                               title=f"{task}: exact match, {model}")
     if ppl is not None:
         paths["ppl"] = os.path.join(out_dir, "ppl_by_position.png")
-        png.write_png(paths["ppl"], png.line_plot_image([ppl.loss]))
+        plots.perplexity_by_position(paths["ppl"], {model: asdict(ppl)},
+                                     title=f"Perplexity by position, {model}")
     return paths

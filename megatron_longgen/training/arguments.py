@@ -85,6 +85,8 @@ class TrainConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None
+    metrics_log: bool = True
+    metrics_log_path: Optional[str] = None
     peak_tflops: Optional[float] = None
     device: str = "cuda"
     # LongGen model fields (None = the preset's / LongGenConfig's default)
@@ -235,6 +237,8 @@ HELP: Dict[str, str] = {
     "eval_iters": "batches per validation",
     "log_interval": "print and record metrics every N iterations",
     "tensorboard_dir": "write TensorBoard scalars here",
+    "metrics_log": "write every logged iteration and validation as a JSON line (tools/plot.py training reads it)",
+    "metrics_log_path": "where the JSON-lines metrics log goes (unset: SAVE/metrics.jsonl, none without --save)",
     "wandb_project": "log to this Weights & Biases project (needs wandb)",
     "peak_tflops": "peak TFLOP/s per GPU for MFU (unset: known from the GPU name)",
     "device": "cuda, or cpu (gloo) for tests",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -206,7 +206,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         train = self.train
         result = TrainResult(iteration=self.iteration)
-        logger = MetricsLogger(train.train_iters, train.tensorboard_dir, train.wandb_project, asdict(train))
+        logger = MetricsLogger.for_run(train, start_iteration=self.iteration)
         peak = peak_tflops(self.device, train.peak_tflops)
         world = dist.get_world_size()
         data_iterator = self._iterators(self.train_ds, self.consumed_samples)
@@ -243,7 +243,7 @@ class Trainer:
                 eval_loss = self.evaluate()
                 if eval_loss is not None:
                     result.eval_losses[self.iteration] = eval_loss
-                    print_rank0(f"validation at iter {self.iteration}: lm loss {eval_loss:.4f}")
+                    logger.log_validation(self.iteration, eval_loss)
             if train.save and train.save_interval and self.iteration % train.save_interval == 0:
                 result.checkpoint = self.save()
             if train.exit_interval and self.iteration % train.exit_interval == 0:

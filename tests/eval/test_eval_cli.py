@@ -57,6 +57,7 @@ def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
                             *TASK_FLAGS, "--all-full", "--evict-sink", "4", "--evict-window", "64",
                             *ppl_flags(4)]) == 0
     report = json.load(open(out / "report.json"))
+    assert report["model"] == "ckpt, all-full, sink 4 + window 64 eviction, streamed prompt"
     assert report["summary"]["passkey"]["items"] == 4
     assert len(report["perplexity_by_position"]["loss"]) == 4
     assert {"summary.md", "heatmap_passkey.png", "heatmap_niah.png", "ppl_by_position.png"} <= set(os.listdir(out))
@@ -156,7 +157,7 @@ def test_cli_usage_errors_are_one_line_before_any_model_is_loaded(tokenizer, tmp
          "no perplexity window: every --ppl-text / --ppl-data-path document is shorter than "
          "--ppl-seq-length 64"),
         (["--ppl-data-path", str(tmp_path / "heldout")], "--ppl-data-path: .*heldout.bin is not a file"),
-        ([], f"checkpoint directory {tmp_path / 'nowhere'} does not exist"),
+        ([], f"no checkpoint at {tmp_path / 'nowhere'}: it does not exist"),
     ]
     cli = load_cli()
     for flags, message in cases:

@@ -10,6 +10,7 @@ import torch
 
 from megatron_longgen.training import checkpointing
 from megatron_longgen.training.arguments import parse_args
+from megatron_longgen.training.logger import metrics_log_file, read_metrics_log
 from megatron_longgen.training.trainer import Trainer
 from megatron_longgen.utils.cli import UsageError
 
@@ -64,6 +65,8 @@ def test_resume_is_exact(tmp_path):
     assert sorted(second.losses) == [4, 5, 6]
     resumed = {**first.losses, **second.losses}
     assert resumed == straight.losses  # bit-identical in fp32
+    # The metrics log next to the checkpoints: appended on resume, every iteration once.
+    assert read_metrics_log(os.path.join(ckpt, "metrics.jsonl"))["lm loss"] == pytest.approx(resumed)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -127,8 +130,11 @@ def test_bad_flags_and_config(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UsageError, match="no checkpoint .*the trainer or tools/convert_hf_to_megatron"):
+    with pytest.raises(UsageError, match="no checkpoint at .*none: it does not exist"):
         parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "none")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no checkpoint .*the trainer or tools/convert_hf_to_megatron"):
+        parse_args(flags(tmp_path, "--mock-data", "--load", str(tmp_path / "empty")))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(UsageError, match="HF model .*convert it with tools/convert_hf_to_megatron.py"):
@@ -322,11 +328,29 @@ def test_packed_documents_train_and_stay_apart(tmp_path):
 def test_tensorboard_scalars_are_written(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = tmp_path / "tb"
-    run(flags(tmp_path, "--train-iters", "3", "--mock-data", "--tensorboard-dir", str(tb)))
+    tb, log = tmp_path / "tb", tmp_path / "logs" / "run.jsonl"
+    result = run(flags(tmp_path, "--train-iters", "3", "--mock-data", "--tensorboard-dir", str(tb),
+                       "--eval-interval", "3", "--eval-iters", "1", "--metrics-log-path", str(log)))
     events = EventAccumulator(str(tb))
     events.Reload()
     tags = events.Tags()["scalars"]
-    for tag in ("lm loss", "lr", "grad norm", "tokens/s"):
+    for tag in ("lm loss", "lr", "grad norm", "tokens/s", "lm loss validation"):
         assert tag in tags
     assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3]
+    validation = [(e.step, e.value) for e in events.Scalars("lm loss validation")]
+    assert validation == [(3, pytest.approx(result.eval_losses[3]))]
+    # The same values in the metrics log (--metrics-log-path: no --save needed).
+    series = read_metrics_log(str(log))
+    assert series["lm loss validation"] == pytest.approx(result.eval_losses)
+    assert series["lm loss"] == pytest.approx(result.losses)
+    assert sorted(series["lr"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),  # nowhere to write it
+    (["--save", "ckpt"], os.path.join("ckpt", "metrics.jsonl")),
+    (["--save", "ckpt", "--metrics-log-path", "m.jsonl"], "m.jsonl"),
+    (["--save", "ckpt", "--no-metrics-log"], None),
+])
+def test_metrics_log_location(argv, expected):
+    assert metrics_log_file(parse_args(argv)) == expected
