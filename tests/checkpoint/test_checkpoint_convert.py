@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import (VOCAB, build_from_record, hf_state, make_hf_model, megatron_forward,
-                                read_json, token_batch)
+                                read_json, returned_cache, token_batch)
 from megatron_longgen.checkpoint import (ConversionError, ExportOptions, ImportOptions, hf_to_megatron,
                                          megatron_to_hf)
 from megatron_longgen.checkpoint import layout, megatron_io
@@ -112,8 +112,7 @@ def test_hybrid_export_runs_with_remote_code_and_matches_megatron(megatron_cpu, 
     # Incremental decoding with the KV cache gives the same logits as the full forward.
     with torch.no_grad():
         prefix = hf(input_ids=ids[:, :40], use_cache=True)
-        cache = getattr(prefix, "cache", None) or getattr(prefix, "past_key_values", None)
-        step = hf(input_ids=ids[:, 40:41], cache=cache, use_cache=True).logits
+        step = hf(input_ids=ids[:, 40:41], cache=returned_cache(prefix), use_cache=True).logits
     assert (step[:, 0] - out[:, 40]).abs().max() <= 1e-4
 
 
