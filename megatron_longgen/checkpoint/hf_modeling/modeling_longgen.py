@@ -33,7 +33,8 @@ from torch import nn
 MIN_TRANSFORMERS = "4.57.6"
 if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
     raise ImportError(f"this LongGen model needs transformers>={MIN_TRANSFORMERS}, but "
-                      f"{transformers.__version__} is installed: pip install 'transformers>={MIN_TRANSFORMERS}'")
+                      f"{transformers.__version__} is installed: "
+                      f"pip install 'transformers>={MIN_TRANSFORMERS}'")
 
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.models.llama.modeling_llama import (
@@ -405,14 +406,13 @@ class LongGenForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a LongGenCache unless the caller passes a cache, asks for another
         implementation or turns caching off."""
-        name = CACHE_ARG
-        if (model_kwargs.get(name) is None and generation_config.use_cache is not False
+        if (model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
             max_length = generation_config.max_length
             if max_length > self.config.max_position_embeddings:
                 raise ValueError(f"prompt plus new tokens ({max_length}) exceed max_position_embeddings "
                                  f"({self.config.max_position_embeddings}) of this LongGen model")
-            model_kwargs[name] = LongGenCache(self.config, max_length)
+            model_kwargs[CACHE_ARG] = LongGenCache(self.config, max_length)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
