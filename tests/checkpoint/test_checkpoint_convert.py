@@ -1,6 +1,7 @@
 """HF <-> Megatron conversion in one process: logits, bitwise round trips, the hybrid export,
 the trainer loading a converted checkpoint, and clear errors with no half-written output."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -89,9 +90,11 @@ def test_round_trip_bf16_and_bin_input(megatron_cpu, tmp_path):
 def test_hybrid_export_runs_with_remote_code_and_matches_megatron(megatron_cpu, hf_models, tmp_path,
                                                                   settings):
     hf_dir, hf_llama = hf_models["gqa"]
-    convert(hf_dir, tmp_path / "mg", settings=settings)
+    # A raised RoPE base, as length extension sets: the export must carry it to any transformers.
+    convert(hf_dir, tmp_path / "mg", settings=dataclasses.replace(settings, rotary_base=40000.0))
     export(tmp_path / "mg", tmp_path / "out", tokenizer_dir=str(hf_dir))
     config = read_json(tmp_path / "out" / "config.json")
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 40000.0
     assert config["model_type"] == "longgen" and config["sparse_attention"] == settings.sparse_attention
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longgen.LongGenForCausalLM"
     assert (tmp_path / "out" / "generation_config.json").is_file()  # copied with the tokenizer files
