@@ -244,9 +244,12 @@ def _hf_config_dict(record: CheckpointRecord, dtype: str, plain: bool) -> dict:
         num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_query_groups,
         head_dim=s.head_dim, rms_norm_eps=s.rms_norm_eps,
         max_position_embeddings=s.max_position_embeddings, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": record.rotary_base})
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
     out = config.to_dict()
+    # transformers 5 reads rope_parameters, 4.x rope_theta: both, so whichever version loads
+    # the folder uses the trained base (each ignores the other's key).
+    out.update(rope_parameters={"rope_type": "default", "rope_theta": record.rotary_base},
+               rope_theta=record.rotary_base)
     out["dtype"] = str(DTYPES[dtype]).replace("torch.", "")
     if plain:
         out.update(model_type="llama", architectures=["LlamaForCausalLM"])

@@ -71,3 +71,10 @@ def megatron_forward(model, ids):
 def read_json(path):
     with open(path) as fh:
         return json.load(fh)
+
+
+def returned_cache(output):
+    """The cache a forward or generate() returns: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

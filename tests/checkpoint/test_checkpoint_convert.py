@@ -1,6 +1,7 @@
 """HF <-> Megatron conversion in one process: logits, bitwise round trips, the hybrid export,
 the trainer loading a converted checkpoint, and clear errors with no half-written output."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import (VOCAB, build_from_record, hf_state, make_hf_model, megatron_forward,
-                                read_json, token_batch)
+                                read_json, returned_cache, token_batch)
 from megatron_longgen.checkpoint import (ConversionError, ExportOptions, ImportOptions, hf_to_megatron,
                                          megatron_to_hf)
 from megatron_longgen.checkpoint import layout, megatron_io
@@ -90,9 +91,11 @@ def test_round_trip_bf16_and_bin_input(megatron_cpu, tmp_path):
 def test_hybrid_export_runs_with_remote_code_and_matches_megatron(megatron_cpu, hf_models, tmp_path,
                                                                   settings):
     hf_dir, hf_llama = hf_models["gqa"]
-    convert(hf_dir, tmp_path / "mg", settings=settings)
+    # A raised RoPE base, as length extension sets: the export must carry it to any transformers.
+    convert(hf_dir, tmp_path / "mg", settings=dataclasses.replace(settings, rotary_base=40000.0))
     export(tmp_path / "mg", tmp_path / "out", tokenizer_dir=str(hf_dir))
     config = read_json(tmp_path / "out" / "config.json")
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 40000.0
     assert config["model_type"] == "longgen" and config["sparse_attention"] == settings.sparse_attention
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longgen.LongGenForCausalLM"
     assert (tmp_path / "out" / "generation_config.json").is_file()  # copied with the tokenizer files
@@ -113,8 +116,7 @@ def test_hybrid_export_runs_with_remote_code_and_matches_megatron(megatron_cpu, 
     # Incremental decoding with the KV cache gives the same logits as the full forward.
     with torch.no_grad():
         prefix = hf(input_ids=ids[:, :40], use_cache=True)
-        cache = getattr(prefix, "cache", None) or getattr(prefix, "past_key_values", None)
-        step = hf(input_ids=ids[:, 40:41], cache=cache, use_cache=True).logits
+        step = hf(input_ids=ids[:, 40:41], cache=returned_cache(prefix), use_cache=True).logits
     assert (step[:, 0] - out[:, 40]).abs().max() <= 1e-4
 
 

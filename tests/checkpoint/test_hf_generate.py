@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from checkpoint_helpers import returned_cache
 from megatron_longgen.checkpoint.convert import HF_MODELING_DIR, load_hf_export
 from megatron_longgen.checkpoint.hf_modeling.configuration_longgen import LongGenConfig
 from megatron_longgen.checkpoint.hf_modeling.modeling_longgen import (
@@ -70,13 +71,64 @@ def test_generate_equals_recomputing_without_cache(model):
     ids = torch.randint(1, 120, (2, prompt), generator=torch.Generator().manual_seed(3))
     out = greedy(model, ids, new)
     assert out.sequences.shape[1] == prompt + new
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = returned_cache(out)
     assert type(cache).__name__ == "LongGenCache"
     with torch.no_grad():
         full = model(out.sequences, use_cache=False).logits
     for step, logits in enumerate(out.logits):
         assert (logits - full[:, prompt - 1 + step]).abs().max() <= 1e-4, step
     assert torch.equal(out.sequences[:, prompt:], full[:, prompt - 1:-1].argmax(-1))
+
+
+# transformers >= 5.24 warns that past_key_values is deprecated: the point here is that it still works.
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_decoding_takes_the_cache_under_either_name(model, name):
+    """transformers 5.24 renamed past_key_values to cache; an unknown name would be swallowed
+    by **kwargs and the step would run without the prefix. Either name works on every version."""
+    ids = torch.randint(1, 120, (2, 30), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        prefix = model(ids[:, :25], use_cache=True)
+        cache = returned_cache(prefix)
+        for t in range(25, 30):
+            step = model(ids[:, t:t + 1], use_cache=True, **{name: cache}).logits
+            assert (step[:, 0] - full[:, t]).abs().max() <= 1e-4, t
+    assert cache.get_seq_length() == 30
+
+
+def test_the_cache_is_passed_once():
+    from megatron_longgen.checkpoint.hf_modeling.modeling_longgen import _cache_under_installed_name
+
+    with pytest.raises(ValueError, match="pass the cache once"):
+        _cache_under_installed_name({"cache": object(), "past_key_values": object()})
+
+
+MODELING = "megatron_longgen.checkpoint.hf_modeling.modeling_longgen"
+
+
+def test_older_transformers_are_refused_at_load(monkeypatch):
+    import importlib
+    import sys
+
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.56.2")
+    monkeypatch.delitem(sys.modules, MODELING)  # restored afterwards
+    with pytest.raises(ImportError, match=r"needs transformers>=4\.57\.6, but 4\.56\.2 is installed"):
+        importlib.import_module(MODELING)
+
+
+def test_declared_minimum_is_the_one_the_model_checks():
+    import re
+    from pathlib import Path
+
+    from megatron_longgen.checkpoint.hf_modeling.modeling_longgen import MIN_TRANSFORMERS
+
+    root = Path(__file__).resolve().parents[2]
+    pyproject, requirements = (root / "pyproject.toml").read_text(), (root / "requirements.txt").read_text()
+    assert f'"transformers>={MIN_TRANSFORMERS}",' in pyproject
+    assert re.search(rf"^transformers>={re.escape(MIN_TRANSFORMERS)}$", requirements, re.M)
 
 
 def held_positions(layer, b, h):
@@ -89,7 +141,7 @@ def test_sparse_layers_hold_exactly_what_the_pattern_can_still_read(model):
     ids = torch.randint(1, 120, (1, 10), generator=torch.Generator().manual_seed(4))
     sizes = []
     for total in (30, 60, MAX_POS):
-        cache = getattr(greedy(model, ids, total - 10), "cache", None)
+        cache = returned_cache(greedy(model, ids, total - 10))
         length = total - 1  # the last token is generated, never fed back
         sparse = [layer for i, layer in enumerate(cache.layers) if i not in cfg.full_attention_layers]
         readable = longgen_sparse_mask(cfg, torch.arange(length, MAX_POS), torch.arange(length))

@@ -26,7 +26,18 @@ import math
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
+
+# The oldest transformers the cache and generation code below is tested on (pyproject.toml
+# declares the same). Older ones lack the per-layer cache API: refuse them with one clear line.
+MIN_TRANSFORMERS = "4.57.6"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(f"this LongGen model needs transformers>={MIN_TRANSFORMERS}, but "
+                      f"{transformers.__version__} is installed: "
+                      f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -38,6 +49,24 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_longgen import LongGenConfig
+
+# transformers 5.24 renamed the cache argument and output field past_key_values -> cache. A
+# name a version does not know is swallowed by **kwargs: full layers would run without the
+# cache while sparse layers write to it, wrong logits without an error. So the model takes
+# either name on every version and passes the installed one on.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def _cache_under_installed_name(kwargs: dict) -> dict:
+    """kwargs with a cache passed as ``cache`` or ``past_key_values`` under ``CACHE_ARG``."""
+    other = "past_key_values" if CACHE_ARG == "cache" else "cache"
+    if other in kwargs:
+        cache = kwargs.pop(other)
+        if cache is not None and kwargs.get(CACHE_ARG) is not None:
+            raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+        if cache is not None:
+            kwargs[CACHE_ARG] = cache
+    return kwargs
 
 
 def _pattern_allowed(config, q, k, offsets):
@@ -240,12 +269,17 @@ class LongGenPatternLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
         # Only used when no layer is full; sparse layers build their own mask from positions.
+        # Older transformers (5.0 among them) pass the chunk's cache_position, not its length.
+        if torch.is_tensor(query_length):
+            query_length = query_length.shape[-1]
         return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
         return self.max_length
+
+    get_max_cache_shape = get_max_length  # its name in older transformers (5.0 among them)
 
     def nbytes(self) -> int:
         """Bytes of K and V (positions are bookkeeping and not counted)."""
@@ -310,7 +344,7 @@ class LongGenSparseAttention(LlamaAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 **kwargs):
-        if cache is None:  # older transformers name the cache past_key_values
+        if cache is None:  # transformers before 5.24 name the cache past_key_values
             cache = kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -384,6 +418,9 @@ class LongGenModel(LlamaModel):
                 layer.self_attn = LongGenSparseAttention(config, layer_idx=i)
         self.post_init()
 
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **_cache_under_installed_name(kwargs))
+
 
 class LongGenForCausalLM(LlamaForCausalLM):
     config_class = LongGenConfig
@@ -399,16 +436,19 @@ class LongGenForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a LongGenCache unless the caller passes a cache, asks for another
         implementation or turns caching off."""
-        name = "cache" if "cache" in inspect.signature(self.forward).parameters else "past_key_values"
-        if (model_kwargs.get(name) is None and generation_config.use_cache is not False
+        if (model_kwargs.get(CACHE_ARG) is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
             max_length = generation_config.max_length
             if max_length > self.config.max_position_embeddings:
                 raise ValueError(f"prompt plus new tokens ({max_length}) exceed max_position_embeddings "
                                  f"({self.config.max_position_embeddings}) of this LongGen model")
-            model_kwargs[name] = LongGenCache(self.config, max_length)
+            model_kwargs[CACHE_ARG] = LongGenCache(self.config, max_length)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        # generate() checks its keyword arguments against forward()'s: translate the cache's name.
+        return super().generate(*args, **_cache_under_installed_name(kwargs))
 
 
 __all__ = ["LongGenCache", "LongGenConfig", "LongGenForCausalLM", "LongGenModel", "LongGenPatternLayer",
