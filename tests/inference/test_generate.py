@@ -119,7 +119,7 @@ def test_cli_generates_from_a_trainer_checkpoint(megatron_cpu, tmp_path, capsys)
         "prompt or lower --max-new-tokens\n")
     with pytest.raises(UsageError, match="--max-new-tokens.* must be >= 1, got 0"):
         cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2", "--max-new-tokens", "0"])
-    with pytest.raises(ConversionError, match=f"checkpoint directory {tmp_path / 'nowhere'} does not exist"):
+    with pytest.raises(ConversionError, match=f"no checkpoint at {tmp_path / 'nowhere'}: it does not exist"):
         cli.main(["--load", str(tmp_path / "nowhere"), "--prompt-ids", "1,2"])
     with pytest.raises(ConversionError, match="tensor parallel size 3 must divide"):
         cli.main(["--load", str(tmp_path), "--prompt-ids", "1,2",
