@@ -3,8 +3,9 @@
 * ``needed_keys``: exactly which key positions any query of a set may read, per KV head.
   Closed forms per pattern on document-relative positions (checked against ``token_mask`` in
   the tests), so a 128K plan costs milliseconds rather than an L x L mask.
-* ``ExchangePlan``: for a sparse layer, which K/V tokens every rank sends every other rank
-  (per KV head: heterogeneous BlockSparse heads read different vertical blocks).
+* ``ExchangePlan``: for a sparse layer, which K/V tokens one rank sends to and receives from
+  every other rank (per KV head: heterogeneous BlockSparse heads read different vertical
+  blocks). Built per rank by interval arithmetic, so 1M tokens at CP 64 take about a second.
 * ``ring_pairs``: for a full layer, which (query chunk, key chunk) pairs of a ring step are
   not fully masked.
 """
@@ -289,22 +290,15 @@ def ring_bytes_sent(seq_len: int, cp_size: int, batch: int, kv_heads: int, head_
 
 def exchange_bytes_sent(pattern: Pattern, seq_len: int, cp_size: int, batch: int, kv_heads: int,
                         head_dim: int, element_size: int) -> List[int]:
-    """Forward bytes each rank sends in the pattern-aware exchange (all KV heads, one TP rank).
-
-    Interval arithmetic, no [L] masks: a 128K plan for CP 32 takes well under a second. KV
-    heads with the same pattern are counted once and weighted.
-    """
+    """Forward bytes each rank sends in the pattern-aware exchange (all KV heads, one TP rank):
+    each rank's needs cut per owner, as ``exchange_plan`` counts them, one head class at a time."""
     c = check_seq_len(seq_len, cp_size)
-    heads = representative_heads(pattern, list(range(kv_heads)))
-    chunk_lo = torch.arange(2 * cp_size) * c
-    chunk_owner = torch.cat([torch.arange(cp_size), torch.arange(cp_size - 1, -1, -1)])
+    reps, cls = _pattern_classes(pattern, list(range(kv_heads)))
     rows = torch.zeros(cp_size, dtype=torch.long)
     for dst in range(cp_size):
-        ranges = query_ranges(dst, cp_size, seq_len)
-        for h in sorted(set(heads)):
-            lo, hi = needed_intervals(pattern, seq_len, ranges, h)
-            overlap = (torch.minimum(hi[:, None], chunk_lo + c) - torch.maximum(lo[:, None], chunk_lo)).clamp(min=0)
-            per_chunk = overlap.sum(0) * heads.count(h)
-            per_chunk[chunk_owner == dst] = 0  # its own tokens
-            rows.index_add_(0, chunk_owner, per_chunk)
+        for k, head in enumerate(reps):
+            lo, hi = _chunk_pieces(*needed_intervals(pattern, seq_len, query_ranges(dst, cp_size, seq_len), head), c)
+            owner, _ = owner_and_index(lo, cp_size, seq_len)
+            other = owner != dst  # its own tokens stay
+            rows.index_add_(0, owner[other], (hi - lo)[other] * cls.count(k))
     return [int(n) * batch * 2 * head_dim * element_size for n in rows]
