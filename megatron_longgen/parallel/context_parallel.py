@@ -111,9 +111,9 @@ class ContextParallelAttention:
                                        seq_len, positions.to(device), cu_t)
             sent = ring
         else:
-            plan = exchange_plan(self.pattern, seq_len, self.cp_size, self.kv_heads, cu)
-            static["plan"] = DevicePlan(plan, self.cp_rank, device)
-            sent = plan.bytes_sent(self.cp_rank, b, d, k.element_size())
+            plan = exchange_plan(self.pattern, seq_len, self.cp_size, self.cp_rank, self.kv_heads, cu)
+            static["plan"] = DevicePlan(plan, device)
+            sent = plan.bytes_sent(b, d, k.element_size())
         if not self._logged:
             log.info("CP layer %d (%s, CP %d, L %d): forward sends %.3f MB per rank; ring %.3f MB",
                      self.layer, "ring" if self.is_full else f"{self.pattern.name} exchange",

@@ -103,9 +103,9 @@ def layer_worker(rank, world, port, out_dir):
                "fwd_bytes": COMM.total(phase="fwd"), "bwd_bytes": COMM.total(phase="bwd"),
                "ring_bytes": ring_bytes_sent(SEQ, world, case.batch, len(case.kv_heads), case.head_dim, 4)}
         if not isinstance(case.pattern, CausalPattern):
-            plan = exchange_plan(case.pattern, SEQ, world, case.kv_heads, case.docs)
-            res["plan_bytes"] = plan.bytes_sent(rank, case.batch, case.head_dim, 4)
-            res["plan_bwd_bytes"] = plan.bytes_received(rank, case.batch, case.head_dim, 4)
+            plan = exchange_plan(case.pattern, SEQ, world, rank, case.kv_heads, case.docs)
+            res["plan_bytes"] = plan.bytes_sent(case.batch, case.head_dim, 4)
+            res["plan_bwd_bytes"] = plan.bytes_received(case.batch, case.head_dim, 4)
         results[case.name] = res
     with open(os.path.join(out_dir, f"layer_cp{world}_rank{rank}.json"), "w") as f:
         json.dump(results, f)

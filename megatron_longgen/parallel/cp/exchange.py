@@ -19,14 +19,13 @@ from megatron_longgen.parallel.cp.plan import ExchangePlan
 
 
 class DevicePlan:
-    """One rank's view of an ExchangePlan, as index tensors on the compute device."""
+    """A rank's ExchangePlan as index tensors on the compute device."""
 
-    def __init__(self, plan: ExchangePlan, rank: int, device: torch.device):
-        cp = plan.cp_size
-        self.send_splits, self.recv_splits = plan.send_splits(rank), plan.recv_splits(rank)
-        self.send_index = torch.cat([plan.send_index[rank][d] for d in range(cp)]).to(device)
-        self.recv_slot = torch.cat([plan.recv_slot[rank][s] for s in range(cp)]).to(device)
-        self.extra_pos = plan.extra_pos[rank].to(device)
+    def __init__(self, plan: ExchangePlan, device: torch.device):
+        self.send_splits, self.recv_splits = list(plan.send_splits), list(plan.recv_splits)
+        self.send_index = plan.send_index.to(device)
+        self.recv_slot = plan.recv_slot.to(device)
+        self.extra_pos = plan.extra_pos.to(device)
 
 
 class ExchangeKV(torch.autograd.Function):
