@@ -113,9 +113,13 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 
 def _rope_scaling(cfg: dict, problems: List[str]) -> Optional[Dict[str, float]]:
     """The llama3 RoPE-scaling parameters (None for plain RoPE); other kinds are refused."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind in ("default", None):
+    # transformers 5 writes rope_parameters, older configs rope_scaling: a scaled one wins.
+    kind, rope = "default", {}
+    for candidate in (cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}):
+        candidate_kind = candidate.get("rope_type", candidate.get("type", "default"))
+        if candidate_kind not in ("default", None):
+            kind, rope = candidate_kind, candidate
+    if kind == "default":
         return None
     if kind != "llama3":
         problems.append(f"RoPE scaling {kind!r} (plain RoPE and llama3 scaling only)")

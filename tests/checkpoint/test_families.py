@@ -171,3 +171,32 @@ def test_llama3_scaling_matters_at_this_length(families):
     plain = LlamaForCausalLM(plain_cfg).eval()
     plain.load_state_dict(model.state_dict())
     assert float((_hf_logits(plain) - _hf_logits(model)).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_longgen_training_resumes_and_exports(megatron_cpu, families, tmp_path, name):
+    """A short LongGen run from the converted model (its settings from the record), resumed,
+    then exported: the family's tensors (biases, q/k norms, tying) survive the trainer."""
+    from megatron_longgen.training.arguments import parse_args
+    from megatron_longgen.training.trainer import Trainer
+
+    hf_dir, model, mg_dir = families[name]
+    ckpt = str(tmp_path / "ckpt")
+    run = ["--device", "cpu", "--mock-data", "--seq-length", "32", "--micro-batch-size", "1",
+           "--global-batch-size", "1", "--lr-warmup-iters", "0", "--train-iters", "2", "--save", ckpt]
+    first = Trainer(parse_args([*run, "--load", str(mg_dir), "--finetune", "--sparse-attention",
+                                "attn_sink", "--sink-tokens", "2", "--sliding-window-size", "8",
+                                "--full-attention-layers", "1", "--exit-interval", "1"])).fit()
+    second = Trainer(parse_args([*run, "--load", ckpt])).fit()
+    assert (first.iteration, sorted(second.losses)) == (1, [2])
+    record = CheckpointRecord.load(os.path.join(ckpt, "iter_0000002"))
+    source = CheckpointRecord.load(str(mg_dir))
+    assert record.shape.model_options() == source.shape.model_options()
+    out = tmp_path / "hf"
+    megatron_to_hf(ExportOptions(megatron_dir=ckpt, hf_dir=str(out)))
+    original, back = hf_state(hf_dir), hf_state(out)
+    assert sorted(original) == sorted(back)
+    assert all(original[k].shape == back[k].shape for k in original)
+    assert not all(torch.equal(original[k], back[k]) for k in original)  # it trained
+    config = json.loads((out / "config.json").read_text())
+    assert (config["full_attention_layers"], config["sink_tokens"]) == ([1], 2)
