@@ -208,7 +208,8 @@ MODEL_FIELDS = (
 
 # One line per flag for --help; the default is appended by the parser.
 HELP: Dict[str, str] = {
-    "model": "named model shape (tiny, llama2-7b, llama2-70b); a checkpoint under --load brings its own",
+    "model": "named model shape (tiny, llama2-7b, llama2-70b, llama3.1-8b, llama3.1-70b, qwen2.5-7b, "
+             "qwen3-8b, mistral-7b); a checkpoint under --load brings its own",
     "seq_length": "tokens per training sequence (a resume keeps the checkpoint's)",
     "vocab_size": "vocabulary size before padding to a multiple of 128 x TP",
     "tensor_model_parallel_size": "tensor-parallel size: GPUs that split every layer's matrices",
