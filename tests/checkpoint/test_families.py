@@ -74,7 +74,7 @@ def families(tmp_path_factory):
         # The source's own attention: Mistral's window becomes AttnSink with no sinks.
         settings = native_longgen_settings(json.loads((hf_dir / "config.json").read_text()))
         hf_to_megatron(ImportOptions(hf_dir=str(hf_dir), megatron_dir=str(mg_dir), dtype="fp32",
-                                     longgen=settings))
+                                     longgen=settings, verify=True))
         out[name] = (hf_dir, model, mg_dir)
     return out
 
@@ -100,6 +100,10 @@ def test_records_map_each_family_to_megatron_options(families):
     assert (mistral.longgen.sparse_attention, mistral.longgen.sink_tokens,
             mistral.longgen.sliding_window_size, mistral.full_layers) == ("attn_sink", 0, 16, [])
     assert records["qwen3"].shape.source_architecture == "Qwen3ForCausalLM"
+    assert "--qk-layernorm" in records["qwen3"].trainer_flags("X")
+    assert "--add-qkv-bias --no-untie-embeddings-and-output-weights" in records["qwen2"].trainer_flags("X")
+    assert "--use-rope-scaling --rope-scaling-factor 4 --rope-scaling-low-freq-factor 1" in \
+        records["llama3"].trainer_flags("X")
 
 
 @pytest.mark.parametrize("name", list(_configs()))
