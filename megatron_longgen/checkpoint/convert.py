@@ -184,14 +184,14 @@ def _hf_reference(hf_dir: str, record: CheckpointRecord, dtype: torch.dtype):
     Megatron model was given (a raised --rotary-base changes every position's rotation)."""
     import transformers
 
-    hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
+    arch = record.shape.source_architecture  # also for a LongGen export (its source's class)
+    hf_config = getattr(transformers, arch.replace("ForCausalLM", "Config")).from_pretrained(hf_dir)
     hf_config.rope_parameters = {**(hf_config.rope_parameters or {}), "rope_theta": record.rotary_base}
     if getattr(hf_config, "layer_types", None) is not None:
         hf_config.layer_types = ["full_attention"] * hf_config.num_hidden_layers
     if getattr(hf_config, "sliding_window", None) is not None:
         hf_config.sliding_window = None
-    cls = getattr(transformers, record.shape.source_architecture)
-    return cls.from_pretrained(hf_dir, config=hf_config, dtype=dtype).eval()
+    return getattr(transformers, arch).from_pretrained(hf_dir, config=hf_config, dtype=dtype).eval()
 
 
 def _verify_import(model, opts: ImportOptions, record: CheckpointRecord) -> verify.LogitComparison:

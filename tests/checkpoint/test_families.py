@@ -153,6 +153,10 @@ def test_export_round_trip_is_bitwise(megatron_cpu, families, tmp_path, plain):
         else:
             assert config["source_architecture"] == type(model).__name__
             assert config["qkv_bias"] == (name == "qwen2") and config["qk_norm"] == (name == "qwen3")
+            # A LongGen export converts again, verified against its source family's class.
+            again = hf_to_megatron(ImportOptions(hf_dir=str(out), megatron_dir=str(tmp_path / f"{name}-mg"),
+                                                 dtype="fp32", verify=True, verify_seq_length=SEQ))
+            assert again.shape == CheckpointRecord.load(str(mg_dir)).shape
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1)])
