@@ -61,9 +61,11 @@ def build_longgen_model(
         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=config.rotary_base,
+        rope_scaling=config.use_rope_scaling,
+        rope_scaling_factor=config.rope_scaling_factor,
         vp_stage=vp_stage,
     )
-    if config.use_rope_scaling:
+    if config.use_rope_scaling:  # Megatron's own scaling, with the parameters it hard-codes
         _apply_llama3_rope_scaling(model.rotary_pos_emb, config)
     return model
 

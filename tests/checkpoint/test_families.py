@@ -208,3 +208,32 @@ def test_longgen_training_resumes_and_exports(megatron_cpu, families, tmp_path, 
     assert not all(torch.equal(original[k], back[k]) for k in original)  # it trained
     config = json.loads((out / "config.json").read_text())
     assert (config["full_attention_layers"], config["sink_tokens"]) == ([1], 2)
+
+
+def test_plain_folder_evaluates_with_its_native_window(megatron_cpu, families):
+    """The evaluation tool's in-memory model of a plain Mistral folder computes its window."""
+    from megatron_longgen.checkpoint import load_hf_as_megatron
+
+    hf_dir, model, _ = families["mistral"]
+    megatron = load_hf_as_megatron(str(hf_dir), dtype="fp32")
+    assert _diff(megatron_forward(megatron, token_batch(seq=SEQ)), model) <= 1e-4
+
+
+@pytest.mark.parametrize("written_layer_types", [True, False])
+def test_qwen2_window_layers_follow_transformers(written_layer_types):
+    """Qwen2's max_window_layers split, from transformers' own layer_types (or, for configs
+    written before layer_types, from use_sliding_window / max_window_layers)."""
+    from transformers import Qwen2Config
+
+    from megatron_longgen.checkpoint.hf_files import sliding_window_layers
+
+    cfg = Qwen2Config(num_hidden_layers=6, use_sliding_window=True, sliding_window=32,
+                      max_window_layers=4).to_dict()
+    expected = [i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention"]
+    assert expected == [4, 5]
+    if not written_layer_types:
+        del cfg["layer_types"]
+    assert sliding_window_layers(cfg) == (32, expected)
+    off = Qwen2Config(num_hidden_layers=6, use_sliding_window=False, sliding_window=32).to_dict()
+    del off["layer_types"]
+    assert sliding_window_layers(off) == (None, [])
