@@ -71,7 +71,8 @@ def _check_hf_tensors(weights: LazyHFWeights, shape: LlamaShape) -> None:
                         if not n.endswith(layout.IGNORED_SUFFIXES)
                         and not (shape.tie_word_embeddings and n == layout.OUTPUT[0]))
     if unexpected:
-        raise ConversionError(f"unsupported architecture: tensors a Llama does not have: {unexpected[:5]}")
+        raise ConversionError(f"unsupported architecture: tensors a {shape.source_architecture} with "
+                              f"this config.json does not have: {unexpected[:5]}")
     for name, want in expected.items():
         got = tuple(weights.shape_of(name))
         if got != want:

@@ -182,7 +182,7 @@ def test_llama3_scaling_matters_at_this_length(families):
 
 
 @pytest.mark.parametrize("name", list(_configs()))
-def test_longgen_training_resumes_and_exports(megatron_cpu, families, tmp_path, name):
+def test_longgen_training_resumes_and_exports(megatron_cpu, families, tmp_path, capsys, name):
     """A short LongGen run from the converted model (its settings from the record), resumed,
     then exported: the family's tensors (biases, q/k norms, tying) survive the trainer."""
     from megatron_longgen.training.arguments import parse_args
@@ -192,14 +192,19 @@ def test_longgen_training_resumes_and_exports(megatron_cpu, families, tmp_path, 
     ckpt = str(tmp_path / "ckpt")
     run = ["--device", "cpu", "--mock-data", "--seq-length", "32", "--micro-batch-size", "1",
            "--global-batch-size", "1", "--lr-warmup-iters", "0", "--train-iters", "2", "--save", ckpt]
+    # Length extension may change the llama3 factor (with --finetune), like the RoPE base.
+    longer = ["--rope-scaling-factor", "8"] if name == "llama3" else []
     first = Trainer(parse_args([*run, "--load", str(mg_dir), "--finetune", "--sparse-attention",
                                 "attn_sink", "--sink-tokens", "2", "--sliding-window-size", "8",
-                                "--full-attention-layers", "1", "--exit-interval", "1"])).fit()
+                                "--full-attention-layers", "1", "--exit-interval", "1", *longer])).fit()
     second = Trainer(parse_args([*run, "--load", ckpt])).fit()
     assert (first.iteration, sorted(second.losses)) == (1, [2])
     record = CheckpointRecord.load(os.path.join(ckpt, "iter_0000002"))
-    source = CheckpointRecord.load(str(mg_dir))
-    assert record.shape.model_options() == source.shape.model_options()
+    source = CheckpointRecord.load(str(mg_dir)).shape.model_options()
+    if longer:
+        assert "changed: rope_scaling_factor 4 -> 8" in capsys.readouterr().out
+        source["rope_scaling_factor"] = 8.0
+    assert record.shape.model_options() == source
     out = tmp_path / "hf"
     megatron_to_hf(ExportOptions(megatron_dir=ckpt, hf_dir=str(out)))
     original, back = hf_state(hf_dir), hf_state(out)
