@@ -127,6 +127,20 @@ class LongGenConfig(TransformerConfig, LongGenFields):
     rotary_base: float = 10000.0
     """RoPE base; length extension raises it (e.g. 10000 -> 500000 for 4K -> 128K)."""
 
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output layer (Llama-2/3.1-8B+); False ties them (Llama-3.2
+    1B/3B, small Qwen2.5): Megatron's ``share_embeddings_and_output_weights``."""
+
+    use_rope_scaling: bool = False
+    """Llama-3.x RoPE scaling of the inverse frequencies, with the four parameters below.
+    Megatron-Core 0.16.1's RotaryEmbedding takes only the factor (the others hard-coded to
+    1, 4 and 8192); ``build_longgen_model`` applies all four."""
+
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+
     core_attention_backend: str = "auto"
     """``auto``, ``reference`` (exact, pure torch), ``sdpa`` (full layers), ``flex``, ``triton``,
     ``fa4`` (flash-attn-4, optional: full and AttnSink layers on sm90+ GPUs)."""
@@ -183,6 +197,14 @@ class LongGenConfig(TransformerConfig, LongGenFields):
                 fail(f"full_attention_layers has duplicates: {layers}")
         if self.rotary_base <= 0:
             fail(f"rotary_base must be > 0, got {self.rotary_base}")
+        if self.use_rope_scaling and not (
+                self.rope_scaling_factor > 0
+                and 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor
+                and self.rope_scaling_original_max_position_embeddings > 0):
+            fail("llama3 RoPE scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor "
+                 f"and original_max_position_embeddings > 0, got {self.rope_scaling_factor}, "
+                 f"{self.rope_scaling_low_freq_factor}, {self.rope_scaling_high_freq_factor}, "
+                 f"{self.rope_scaling_original_max_position_embeddings}")
         if self.core_attention_backend not in ATTENTION_BACKENDS:
             fail(f"core_attention_backend must be one of {ATTENTION_BACKENDS}, "
                  f"got {self.core_attention_backend!r}")

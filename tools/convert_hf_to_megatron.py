@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""HF Llama folder -> Megatron-Core torch_dist checkpoint for the LongGen trainer.
+"""HF Llama-family folder (Llama-2/3.x, Mistral, Qwen2/2.5, Qwen3) -> Megatron-Core torch_dist
+checkpoint for the LongGen trainer.
 
 Example (Llama-2 7B, for training at TP=2 with the middle third of layers full):
 
@@ -24,9 +25,9 @@ from megatron_longgen.utils.cli import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + weights)")
+    p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + weights) of a Llama, Mistral, Qwen2 or Qwen3")
     p.add_argument("--megatron-dir", required=True, help="output checkpoint directory (created)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1,
                    help="TP the trainer will use: checked against heads/groups, sets vocab padding")

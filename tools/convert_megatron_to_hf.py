@@ -7,7 +7,8 @@ Example (a LongGen model trained from Llama-2 7B):
         --tokenizer-dir Llama-2-7b-hf --verify
 
 Load it with ``AutoModelForCausalLM.from_pretrained("longgen-7b-hf", trust_remote_code=True)``.
-``--plain-llama`` writes a LlamaForCausalLM instead (only for models with every layer full).
+``--plain-llama`` writes the source's own class instead (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM or Qwen3ForCausalLM; only for models with every layer full).
 """
 
 import argparse
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="dtype of the exported weights (default: the checkpoint's)")
     p.add_argument("--plain-llama", action="store_true",
-                   help="write a plain LlamaForCausalLM without the LongGen fields")
+                   help="write the source's own class (Llama, Mistral, Qwen2, Qwen3) without the "
+                        "LongGen fields; needs every layer full")
     p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from this folder")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 2GB, 500MB")
     add_verify_arguments(p, "load the export with transformers and compare logits with Megatron's")

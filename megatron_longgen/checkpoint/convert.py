@@ -1,4 +1,5 @@
-"""HF Llama <-> Megatron-Core torch_dist conversions (the tools are thin CLIs over these)."""
+"""HF Llama-family <-> Megatron-Core torch_dist conversions (the tools are thin CLIs over
+these): Llama-2/3.x, Mistral, Qwen2(.5) and Qwen3 (see ``hf_files.llama_shape``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from megatron_longgen.checkpoint import layout, megatron_io, verify
 from megatron_longgen.checkpoint.errors import (ConversionError, check_output_dir, check_separate,
                                                  staged_output)
 from megatron_longgen.config import LongGenFields, longgen_fields, with_unrecorded_fields
-from megatron_longgen.checkpoint.hf_files import LazyHFWeights, LlamaShape, llama_shape, read_hf_config
+from megatron_longgen.checkpoint.hf_files import (FAMILIES, LazyHFWeights, LlamaShape, llama_shape,
+                                                  read_hf_config, sliding_window_layers)
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
 from megatron_longgen.training.setup import padded_vocab_size
 
@@ -69,7 +71,8 @@ def _check_hf_tensors(weights: LazyHFWeights, shape: LlamaShape) -> None:
                         if not n.endswith(layout.IGNORED_SUFFIXES)
                         and not (shape.tie_word_embeddings and n == layout.OUTPUT[0]))
     if unexpected:
-        raise ConversionError(f"unsupported architecture: tensors a Llama does not have: {unexpected[:5]}")
+        raise ConversionError(f"unsupported architecture: tensors a {shape.source_architecture} with "
+                              f"this config.json does not have: {unexpected[:5]}")
     for name, want in expected.items():
         got = tuple(weights.shape_of(name))
         if got != want:
@@ -98,9 +101,8 @@ def _fill_megatron(model, weights: LazyHFWeights, record: CheckpointRecord) -> N
             put(layout.megatron_layer_prefix(i) + suffix, value)
         _progress("hf->megatron", i + 1, shape.num_layers, start)
     put(layout.FINAL_NORM[1], weights.get(layout.FINAL_NORM[0]))
-    # Untied in Megatron (as the trainer builds it): a tied HF model gets a copy of the table.
-    output_src = layout.EMBED[0] if shape.tie_word_embeddings else layout.OUTPUT[0]
-    put(layout.OUTPUT[1], layout.pad_vocab(weights.get(output_src), record.padded_vocab_size))
+    if not shape.tie_word_embeddings:  # tied: the word embeddings are the output layer
+        put(layout.OUTPUT[1], layout.pad_vocab(weights.get(layout.OUTPUT[0]), record.padded_vocab_size))
     left = sorted(set(params) - filled)
     if left:
         raise ConversionError(f"Megatron parameters not filled from HF: {left[:5]}")
@@ -141,6 +143,7 @@ def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
     check_separate(opts.hf_dir, "--hf-dir", opts.megatron_dir, "--megatron-dir")
     check_output_dir(opts.megatron_dir, "--megatron-dir", opts.overwrite)
     record, weights = _hf_record(opts.hf_dir, opts.longgen, opts.dtype, tp, pp)
+    _log_native_window(record)
     model = _megatron_model_from_hf(record, weights)
     with staged_output(opts.megatron_dir, opts.overwrite, "--megatron-dir") as tmp:
         if opts.verify:
@@ -151,16 +154,50 @@ def hf_to_megatron(opts: ImportOptions) -> CheckpointRecord:
     return record
 
 
-def _verify_import(model, opts: ImportOptions, record: CheckpointRecord) -> verify.LogitComparison:
-    """HF LlamaForCausalLM vs the imported weights with every Megatron layer full."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _log_native_window(record: CheckpointRecord) -> None:
+    """Say what a source's own sliding window is in LongGen terms, and that the LongGen settings
+    of this conversion replace it (the record's hf_config keeps the source's)."""
+    window, layers = sliding_window_layers(record.hf_config)
+    if window is None:
+        return
+    native = native_longgen_settings(record.hf_config)
+    print(f"{record.shape.source_architecture} has a native sliding window of {window} tokens "
+          f"in layers {layers}: LongGen --sparse-attention attn_sink --sink-tokens 0 "
+          f"--sliding-window-size {window} --full-attention-layers "
+          f"{' '.join(map(str, native.full_attention_layers)) or '(none)'}; this checkpoint "
+          f"takes the LongGen settings given instead (full-attention layers {record.full_layers}, "
+          f"{record.longgen.sparse_attention})", file=sys.stderr)
 
-    # The reference runs at the base the Megatron model was given (a raised --rotary-base
-    # changes every position's rotation, so HF at its own rope_theta would not match).
-    hf_config = LlamaConfig.from_pretrained(opts.hf_dir)
+
+def native_longgen_settings(hf_config: dict) -> LongGenSettings:
+    """The attention a plain HF model computes, as LongGen settings: every layer full, or its
+    native sliding window (Mistral, Qwen2/3) as AttnSink with no sink tokens."""
+    window, sliding = sliding_window_layers(hf_config)
+    if window is None:
+        return LongGenSettings(full_attention_placement="all")
+    full = [i for i in range(hf_config["num_hidden_layers"]) if i not in sliding]
+    return LongGenSettings(sparse_attention="attn_sink", sink_tokens=0, sliding_window_size=window,
+                           full_attention_layers=full)
+
+
+def _hf_reference(hf_dir: str, record: CheckpointRecord, dtype: torch.dtype):
+    """The source's own transformers model with every layer full, at the RoPE base the
+    Megatron model was given (a raised --rotary-base changes every position's rotation)."""
+    import transformers
+
+    arch = record.shape.source_architecture  # also for a LongGen export (its source's class)
+    hf_config = getattr(transformers, arch.replace("ForCausalLM", "Config")).from_pretrained(hf_dir)
     hf_config.rope_parameters = {**(hf_config.rope_parameters or {}), "rope_theta": record.rotary_base}
-    hf = LlamaForCausalLM.from_pretrained(opts.hf_dir, config=hf_config,
-                                          dtype=DTYPES[opts.dtype]).eval()
+    if getattr(hf_config, "layer_types", None) is not None:
+        hf_config.layer_types = ["full_attention"] * hf_config.num_hidden_layers
+    if getattr(hf_config, "sliding_window", None) is not None:
+        hf_config.sliding_window = None
+    return getattr(transformers, arch).from_pretrained(hf_dir, config=hf_config, dtype=dtype).eval()
+
+
+def _verify_import(model, opts: ImportOptions, record: CheckpointRecord) -> verify.LogitComparison:
+    """The source's HF model vs the imported weights, every layer full on both sides."""
+    hf = _hf_reference(opts.hf_dir, record, DTYPES[opts.dtype])
     ids = verify.sample_tokens(record.shape.vocab_size, seq_length=opts.verify_seq_length)
     expected = verify.hf_logits(hf, ids)
     del hf
@@ -231,28 +268,56 @@ class ShardWriter:
             json.dump(index, fh, indent=2)
 
 
+def _rope_parameters(record: CheckpointRecord) -> dict:
+    """transformers' own ``rope_parameters``: the trained base, and llama3 scaling if any."""
+    scaling = record.shape.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": record.rotary_base}
+    return {"rope_type": "llama3", **scaling, "rope_theta": record.rotary_base}
+
+
+def _plain_family_options(arch: str, s: LlamaShape) -> dict:
+    """What a plain export of family ``arch`` must say beyond the shared Llama fields (every
+    layer full: plain exports need it, so no sliding window is written)."""
+    if arch == "LlamaForCausalLM":
+        return dict(attention_bias=False, mlp_bias=False, head_dim=s.head_dim)
+    if arch == "MistralForCausalLM":
+        return dict(head_dim=s.head_dim, sliding_window=None)
+    full = dict(use_sliding_window=False, sliding_window=None,
+                layer_types=["full_attention"] * s.num_layers)
+    if arch == "Qwen3ForCausalLM":
+        return dict(full, head_dim=s.head_dim, attention_bias=False)
+    return full  # Qwen2: q/k/v biases are built in
+
+
 def _hf_config_dict(record: CheckpointRecord, dtype: str, plain: bool) -> dict:
-    from transformers import LlamaConfig
+    import transformers
 
     s = record.shape
     kept = {k: record.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
                                              "initializer_range", "pretraining_tp")
             if k in record.hf_config}
-    config = LlamaConfig(
+    common = dict(
         **kept, vocab_size=s.vocab_size, hidden_size=s.hidden_size,
         intermediate_size=s.ffn_hidden_size, num_hidden_layers=s.num_layers,
         num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_query_groups,
-        head_dim=s.head_dim, rms_norm_eps=s.rms_norm_eps,
-        max_position_embeddings=s.max_position_embeddings, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
-    out = config.to_dict()
+        rms_norm_eps=s.rms_norm_eps, max_position_embeddings=s.max_position_embeddings,
+        hidden_act="silu", tie_word_embeddings=s.tie_word_embeddings,
+        rope_parameters=_rope_parameters(record))
+    if plain:  # the source's own class: loads in transformers without remote code
+        model_type = next(t for t, a in FAMILIES.items() if a == s.source_architecture)
+        config = transformers.AutoConfig.for_model(
+            model_type, **common, **_plain_family_options(s.source_architecture, s))
+        out = config.to_dict()
+        out.update(model_type=model_type, architectures=[s.source_architecture])
+    else:
+        out = transformers.LlamaConfig(**common, head_dim=s.head_dim, attention_bias=False,
+                                       mlp_bias=False).to_dict()
     # transformers 5 reads rope_parameters, 4.x rope_theta: both, so whichever version loads
     # the folder uses the trained base (each ignores the other's key).
-    out.update(rope_parameters={"rope_type": "default", "rope_theta": record.rotary_base},
-               rope_theta=record.rotary_base)
+    out["rope_theta"] = record.rotary_base
     out["dtype"] = str(DTYPES[dtype]).replace("torch.", "")
     if plain:
-        out.update(model_type="llama", architectures=["LlamaForCausalLM"])
         return out
     g = record.longgen
     explicit = g.full_attention_layers is not None
@@ -260,6 +325,7 @@ def _hf_config_dict(record: CheckpointRecord, dtype: str, plain: bool) -> dict:
         model_type="longgen", architectures=["LongGenForCausalLM"],
         auto_map={"AutoConfig": "configuration_longgen.LongGenConfig",
                   "AutoModelForCausalLM": "modeling_longgen.LongGenForCausalLM"},
+        qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, source_architecture=s.source_architecture,
         **{**longgen_fields(g),
            "full_attention_layers": record.full_layers,
            "full_attention_placement": None if explicit else g.full_attention_placement,
@@ -284,7 +350,8 @@ def _write_hf_weights(model, record: CheckpointRecord, directory: str, dtype: to
             add(name, t)
         _progress("megatron->hf", i + 1, record.shape.num_layers, start)
     add(layout.FINAL_NORM[0], state[layout.FINAL_NORM[1]])
-    add(layout.OUTPUT[0], state[layout.OUTPUT[1]][:vocab])
+    if not record.shape.tie_word_embeddings:  # tied: lm_head is the embedding table
+        add(layout.OUTPUT[0], state[layout.OUTPUT[1]][:vocab])
     writer.close()
 
 
@@ -326,15 +393,16 @@ def megatron_to_hf(opts: ExportOptions) -> CheckpointRecord:
             _copy_tokenizer(opts.tokenizer_dir, tmp)
         if opts.verify:
             _verify_export(model, tmp, record, dtype, opts)
-    print(f"wrote {opts.hf_dir} ({'Llama' if opts.plain_llama else 'LongGen'}, {dtype})", file=sys.stderr)
+    kind = record.shape.source_architecture if opts.plain_llama else "LongGen"
+    print(f"wrote {opts.hf_dir} ({kind}, {dtype})", file=sys.stderr)
     return record
 
 
 def hf_longgen_settings(hf_config: dict) -> LongGenSettings:
-    """The hybrid layout an HF folder describes: a LongGen export's own fields; a plain Llama
-    runs every layer full."""
+    """The hybrid layout an HF folder describes: a LongGen export's own fields; a plain model
+    runs every layer full, or its native sliding window."""
     if hf_config.get("model_type") != "longgen":
-        return LongGenSettings(full_attention_placement="all")
+        return native_longgen_settings(hf_config)
     # An export records its full layers explicitly and leaves placement/ratio null.
     hf_config = with_unrecorded_fields(hf_config)
     return LongGenSettings(**{f.name: hf_config[f.name] for f in fields(LongGenFields)
@@ -342,7 +410,7 @@ def hf_longgen_settings(hf_config: dict) -> LongGenSettings:
 
 
 def load_hf_as_megatron(hf_dir: str, dtype: str = "fp32", device: str = "cpu"):
-    """An HF export (or a plain Llama folder) as a whole Megatron model in eval mode, in memory:
+    """An HF export (or a plain Llama-family folder) as a whole Megatron model in eval mode, in memory:
     what the evaluation tool runs on HF folders (TP = PP = 1; convert first for TP)."""
     record, weights = _hf_record(hf_dir, hf_longgen_settings(read_hf_config(hf_dir)), dtype)
     return _megatron_model_from_hf(record, weights, device).to(device).eval()

@@ -1,4 +1,9 @@
-"""Reading HF Llama folders lazily: config checks and a tensor-by-tensor reader.
+"""Reading HF Llama-family folders lazily: config checks and a tensor-by-tensor reader.
+
+Llama (2 and 3.x, with llama3 RoPE scaling and tied embeddings), Mistral, Qwen2 and Qwen3
+share one layer layout; they differ in QKV biases (Qwen2), per-head q/k RMSNorm (Qwen3), the
+head width (Qwen3: not hidden / heads), RoPE scaling (Llama-3.1+), tying (small sizes) and a
+native sliding window (Mistral, Qwen2/3 when enabled). ``llama_shape`` reads all of them.
 
 Safetensors shards are opened with ``safe_open`` (memory-mapped) and each tensor is read
 only when asked for, so a 70B import never holds the HF state dict in memory.
@@ -10,7 +15,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +41,39 @@ class LlamaShape:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    # Added for the Llama-3.x / Mistral / Qwen families; the defaults are Llama-2's, so a
+    # record written before them keeps meaning what it meant.
+    qkv_bias: bool = False  # biases on q, k and v projections only (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    rope_scaling: Optional[Dict[str, float]] = None  # llama3: factor, low/high_freq_factor,
+    #                                                   original_max_position_embeddings
+    source_architecture: str = "LlamaForCausalLM"  # the HF class a plain export writes back
+
+    def model_options(self) -> Dict[str, object]:
+        """The Megatron options (LongGenConfig / trainer names) of the architecture features."""
+        out: Dict[str, object] = dict(
+            add_qkv_bias=self.qkv_bias, qk_layernorm=self.qk_norm,
+            untie_embeddings_and_output_weights=not self.tie_word_embeddings,
+            use_rope_scaling=self.rope_scaling is not None)
+        if self.rope_scaling is not None:
+            out.update({ROPE_SCALING_OPTIONS[k]: v for k, v in self.rope_scaling.items()})
+        return out
+
+
+# llama3 rope_scaling key -> the LongGenConfig / trainer option that holds it.
+ROPE_SCALING_OPTIONS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_scaling_low_freq_factor",
+    "high_freq_factor": "rope_scaling_high_freq_factor",
+    "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings",
+}
+
+
+def rope_scaling_from_options(options) -> Optional[Dict[str, float]]:
+    """The llama3 ``rope_scaling`` dict of a config with ``use_rope_scaling`` (else None)."""
+    if not options.use_rope_scaling:
+        return None
+    return {k: getattr(options, name) for k, name in ROPE_SCALING_OPTIONS.items()}
 
 
 def _read_json(path: str) -> dict:
@@ -58,7 +96,7 @@ def read_hf_config(hf_dir: str) -> dict:
     cfg = _read_json(path)
     missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
                            "num_attention_heads", "vocab_size") if k not in cfg]
-    if missing and cfg.get("model_type") in ("llama", "longgen"):
+    if missing and cfg.get("model_type") in (*FAMILIES, "longgen"):
         raise ConversionError(f"{path} lacks {', '.join(missing)}")
     return cfg
 
@@ -68,28 +106,64 @@ def _rope_theta(cfg: dict) -> float:
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
-def llama_shape(cfg: dict) -> LlamaShape:
-    """Validate that ``cfg`` describes an architecture the mapping covers and return its shape."""
+# HF model_type -> its CausalLM class; a LongGen export names its source in source_architecture.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope_scaling(cfg: dict, problems: List[str]) -> Optional[Dict[str, float]]:
+    """The llama3 RoPE-scaling parameters (None for plain RoPE); other kinds are refused."""
+    # transformers 5 writes rope_parameters, older configs rope_scaling: a scaled one wins.
+    kind, rope = "default", {}
+    for candidate in (cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}):
+        candidate_kind = candidate.get("rope_type", candidate.get("type", "default"))
+        if candidate_kind not in ("default", None):
+            kind, rope = candidate_kind, candidate
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        problems.append(f"RoPE scaling {kind!r} (plain RoPE and llama3 scaling only)")
+        return None
+    missing = [k for k in ROPE_SCALING_OPTIONS if rope.get(k) is None]
+    if missing:
+        problems.append(f"llama3 RoPE scaling without {', '.join(missing)}")
+        return None
+    return {k: (int(rope[k]) if k == "original_max_position_embeddings" else float(rope[k]))
+            for k in ROPE_SCALING_OPTIONS}
+
+
+def _source_architecture(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
-    if model_type not in ("llama", "longgen") or any(
-            a not in ("LlamaForCausalLM", "LongGenForCausalLM") for a in archs):
+    if model_type == "longgen":  # a LongGen export: the family it was converted from
+        return cfg.get("source_architecture") or "LlamaForCausalLM"
+    known = set(FAMILIES.values())
+    if model_type not in FAMILIES or any(a not in known for a in archs):
         raise ConversionError(
             f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
-            "only Llama (LlamaForCausalLM) checkpoints can be converted")
+            f"supported: {', '.join(sorted(known))}")
+    return FAMILIES[model_type]
+
+
+def llama_shape(cfg: dict) -> LlamaShape:
+    """Validate that ``cfg`` describes an architecture the mapping covers and return its shape."""
+    arch = _source_architecture(cfg)
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={cfg['hidden_act']!r} (SwiGLU with silu only)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        problems.append("attention/MLP biases")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        problems.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} (plain RoPE only)")
+    if cfg.get("mlp_bias"):
+        problems.append("MLP biases")
+    # Qwen2's q/k/v biases are built in; Llama's attention_bias also biases o_proj.
+    qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("qkv_bias"))
+    if cfg.get("attention_bias"):
+        problems.append("attention biases on every projection (attention_bias: o_proj too)")
+    qk_norm = arch == "Qwen3ForCausalLM" or bool(cfg.get("qk_norm"))
+    rope_scaling = _rope_scaling(cfg, problems)
     heads = cfg["num_attention_heads"]
     groups = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    if head_dim * heads != cfg["hidden_size"]:
-        problems.append(f"head_dim={head_dim} x heads={heads} != hidden_size={cfg['hidden_size']}")
+    if head_dim * heads != cfg["hidden_size"] and not cfg.get("head_dim"):
+        problems.append(f"hidden_size={cfg['hidden_size']} is not a multiple of heads={heads}")
     if heads % groups:
         problems.append(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
     if problems:
@@ -101,7 +175,31 @@ def llama_shape(cfg: dict) -> LlamaShape:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, qk_norm=qk_norm, rope_scaling=rope_scaling, source_architecture=arch,
     )
+
+
+def sliding_window_layers(cfg: dict) -> Tuple[Optional[int], List[int]]:
+    """A plain HF model's native sliding window and the layers that use it ((None, []) when
+    every layer is full): Mistral's ``sliding_window`` in every layer; Qwen2/3's
+    ``layer_types`` (from ``use_sliding_window`` and ``max_window_layers``). The window
+    counts the query itself (transformers reads keys ``q - window < k <= q``), as LongGen's
+    ``sliding_window_size`` does."""
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") not in FAMILIES or not window:
+        return None, []
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        if cfg["model_type"] == "mistral":
+            types = ["sliding_attention"] * n
+        elif cfg.get("use_sliding_window"):
+            first = cfg.get("max_window_layers", n)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        else:
+            types = ["full_attention"] * n
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return (int(window), sliding) if sliding else (None, [])
 
 
 class LazyHFWeights:

@@ -8,6 +8,10 @@
 * Norms: HF's post_attention_layernorm is Megatron's pre_mlp_layernorm.
 * Vocabulary: Megatron's tables are padded with zero rows; exports trim them back.
 * RoPE: both use the rotate-half convention, so q/k rows need no permutation.
+* QKV biases (Qwen2) fuse like the weights' rows; q/k norms (Qwen3) are one head wide and
+  map one to one (``self_attn.q_norm`` = ``self_attention.q_layernorm``).
+* Tied embeddings: Megatron has no ``output_layer.weight`` (the word embeddings serve) and
+  the HF folder no ``lm_head.weight``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ ONE_TO_ONE = {
 QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 LINEAR_QKV, LINEAR_FC1 = "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"
+QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+LINEAR_QKV_BIAS = "self_attention.linear_qkv.bias"
+QK_NORM = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+           "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
 
 # Tensors some HF Llama checkpoints carry that are recomputed, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -61,6 +69,10 @@ def expected_hf_shapes(shape: LlamaShape) -> Dict[str, tuple]:
         "mlp.up_proj.weight": (shape.ffn_hidden_size, h),
         "mlp.down_proj.weight": (h, shape.ffn_hidden_size),
     }
+    if shape.qkv_bias:
+        per_layer.update({QKV_BIAS[0]: (q_rows,), QKV_BIAS[1]: (kv_rows,), QKV_BIAS[2]: (kv_rows,)})
+    if shape.qk_norm:
+        per_layer.update({name: (d,) for name in QK_NORM})
     out = {EMBED[0]: (shape.vocab_size, h), FINAL_NORM[0]: (h,)}
     if not shape.tie_word_embeddings:
         out[OUTPUT[0]] = (shape.vocab_size, h)
@@ -70,18 +82,19 @@ def expected_hf_shapes(shape: LlamaShape) -> Dict[str, tuple]:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: LlamaShape) -> torch.Tensor:
-    g, d, h = shape.num_query_groups, shape.head_dim, q.shape[-1]
+    """Rows grouped per query group; ``q, k, v`` are weights [rows, h] or biases [rows]."""
+    g, d, rest = shape.num_query_groups, shape.head_dim, q.shape[1:]
     per_group = shape.num_attention_heads // g
-    parts = (q.reshape(g, per_group * d, h), k.reshape(g, d, h), v.reshape(g, d, h))
-    return torch.cat(parts, dim=1).reshape(-1, h)
+    parts = (q.reshape(g, per_group * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest))
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
 def split_qkv(qkv: torch.Tensor, shape: LlamaShape):
-    g, d, h = shape.num_query_groups, shape.head_dim, qkv.shape[-1]
+    g, d, rest = shape.num_query_groups, shape.head_dim, qkv.shape[1:]
     per_group = shape.num_attention_heads // g
-    grouped = qkv.reshape(g, (per_group + 2) * d, h)
+    grouped = qkv.reshape(g, (per_group + 2) * d, *rest)
     q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def megatron_layer_from_hf(get: Callable[[str], torch.Tensor], i: int, shape: LlamaShape) -> Dict[str, torch.Tensor]:
@@ -89,6 +102,10 @@ def megatron_layer_from_hf(get: Callable[[str], torch.Tensor], i: int, shape: Ll
     p = hf_layer_prefix(i)
     out = {mg: get(p + hf) for hf, mg in ONE_TO_ONE.items()}
     out[LINEAR_QKV] = fuse_qkv(*(get(p + name) for name in QKV), shape)
+    if shape.qkv_bias:
+        out[LINEAR_QKV_BIAS] = fuse_qkv(*(get(p + name) for name in QKV_BIAS), shape)
+    if shape.qk_norm:
+        out.update({mg: get(p + hf) for hf, mg in QK_NORM.items()})
     out[LINEAR_FC1] = torch.cat([get(p + name) for name in GATE_UP], dim=0)
     return out
 
@@ -99,6 +116,11 @@ def hf_layer_from_megatron(params: Dict[str, torch.Tensor], i: int, shape: Llama
     out = {p + hf: params[mg] for hf, mg in ONE_TO_ONE.items()}
     for name, t in zip(QKV, split_qkv(params[LINEAR_QKV], shape)):
         out[p + name] = t
+    if shape.qkv_bias:
+        for name, t in zip(QKV_BIAS, split_qkv(params[LINEAR_QKV_BIAS], shape)):
+            out[p + name] = t
+    if shape.qk_norm:
+        out.update({p + hf: params[mg] for hf, mg in QK_NORM.items()})
     gate, up = torch.chunk(params[LINEAR_FC1], 2, dim=0)
     out[p + GATE_UP[0]], out[p + GATE_UP[1]] = gate, up
     return out

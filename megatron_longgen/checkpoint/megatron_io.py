@@ -18,7 +18,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_longgen.attention.patterns import CausalPattern
 from megatron_longgen.checkpoint.errors import ConversionError
-from megatron_longgen.checkpoint.hf_files import LlamaShape
+from megatron_longgen.checkpoint.hf_files import LlamaShape, rope_scaling_from_options
 from megatron_longgen.checkpoint.record import DTYPES, CheckpointRecord, LongGenSettings
 from megatron_longgen.config import LongGenConfig, longgen_fields, with_unrecorded_fields
 from megatron_longgen.models.gpt import build_longgen_model
@@ -48,7 +48,7 @@ def megatron_config(record: CheckpointRecord, tensor_parallel: int = 1, pipeline
         num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
         num_attention_heads=s.num_attention_heads, num_query_groups=s.num_query_groups,
         kv_channels=s.head_dim, layernorm_epsilon=s.rms_norm_eps,
-        rotary_base=record.rotary_base,
+        rotary_base=record.rotary_base, **s.model_options(),
         **{**longgen_fields(g), "full_attention_layers": record.full_layers},
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=DTYPES[record.dtype], pipeline_dtype=DTYPES[record.dtype],
@@ -151,7 +151,7 @@ def _record_from_trainer(path: str) -> CheckpointRecord:
 def record_from_training(config: LongGenConfig, train, padded_vocab_size: int,
                          source: Optional[CheckpointRecord] = None) -> CheckpointRecord:
     """The record of a model the trainer built from ``config``. ``source`` is the record of the
-    checkpoint it started from: its HF config, norm epsilon, tying and positions carry over, so
+    checkpoint it started from: its HF config, source family and positions carry over, so
     an export describes the model the source was, extended to the trained length."""
     vocab = train.vocab_size or get_preset(train.model).vocab_size
     positions = train.seq_length if source is None else max(source.shape.max_position_embeddings,
@@ -163,7 +163,11 @@ def record_from_training(config: LongGenConfig, train, padded_vocab_size: int,
         rms_norm_eps=config.layernorm_epsilon,
         rope_theta=source.shape.rope_theta if source is not None else config.rotary_base,
         max_position_embeddings=positions,
-        tie_word_embeddings=source is not None and source.shape.tie_word_embeddings)
+        tie_word_embeddings=not config.untie_embeddings_and_output_weights,
+        qkv_bias=config.add_qkv_bias, qk_norm=config.qk_layernorm,
+        rope_scaling=rope_scaling_from_options(config),
+        source_architecture=(source.shape.source_architecture if source is not None
+                             else LlamaShape.source_architecture))
     settings = LongGenSettings(
         **{**longgen_fields(config), "full_attention_layers": list(config.full_layer_indices)},
         rotary_base=config.rotary_base)

@@ -41,6 +41,20 @@ class LongGenSettings(LongGenFields):
                                                  self.full_attention_ratio))
 
 
+def _option_flags(options: dict) -> List[str]:
+    """Trainer flags of the architecture options that differ from Llama-2's."""
+    llama2 = LlamaShape(0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, False).model_options()
+    flags = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value != llama2[name]:
+                flags.append(flag if value else "--no-" + flag[2:])
+        elif name not in llama2:
+            flags.append(f"{flag} {value:g}")
+    return flags
+
+
 @dataclass
 class CheckpointRecord:
     shape: LlamaShape
@@ -65,7 +79,8 @@ class CheckpointRecord:
         flags = [
             f"--num-layers {s.num_layers}", f"--hidden-size {s.hidden_size}",
             f"--ffn-hidden-size {s.ffn_hidden_size}", f"--num-attention-heads {s.num_attention_heads}",
-            f"--num-query-groups {s.num_query_groups}", f"--vocab-size {s.vocab_size}",
+            f"--num-query-groups {s.num_query_groups}", f"--kv-channels {s.head_dim}",
+            f"--vocab-size {s.vocab_size}",
             f"--rotary-base {self.rotary_base:g}", f"--sparse-attention {g.sparse_attention}",
             f"--sink-tokens {g.sink_tokens}", f"--sliding-window-size {g.sliding_window_size}",
             f"--sparse-block-size {g.sparse_block_size}", f"--local-blocks {g.local_blocks}",
@@ -73,6 +88,7 @@ class CheckpointRecord:
             f"--vert-stride-rule {g.vert_stride_rule}",
             "--full-attention-layers " + " ".join(map(str, self.full_layers))
             if self.full_layers else "--full-attention-placement none",
+            *_option_flags(s.model_options()),
             f"--tensor-model-parallel-size {self.target_tensor_parallel_size}",
             f"--pipeline-model-parallel-size {self.target_pipeline_parallel_size}",
             f"--load {load_dir} --finetune",

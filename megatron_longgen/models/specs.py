@@ -27,8 +27,10 @@ from megatron_longgen.attention.core_attention import LongGenCoreAttention
 from megatron_longgen.models.norm import RMSNorm
 
 
-def longgen_layer_spec() -> ModuleSpec:
-    """One Llama layer (RMSNorm, RoPE attention with GQA, SwiGLU MLP) with LongGen attention."""
+def longgen_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """One Llama layer (RMSNorm, RoPE attention with GQA, SwiGLU MLP) with LongGen attention;
+    ``qk_layernorm``: per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+    qk_norm = RMSNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -40,8 +42,8 @@ def longgen_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=LongGenCoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -62,4 +64,4 @@ def longgen_block_spec(
     """Per-layer specs of the layers this pipeline stage (and virtual stage) builds."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[longgen_layer_spec() for _ in range(num_layers)], layer_norm=RMSNorm)
+        layer_specs=[longgen_layer_spec(config.qk_layernorm) for _ in range(num_layers)], layer_norm=RMSNorm)

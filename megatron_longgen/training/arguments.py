@@ -111,6 +111,15 @@ class TrainConfig:
     ffn_hidden_size: Optional[int] = None
     kv_channels: Optional[int] = None
     layernorm_epsilon: Optional[float] = None
+    # architecture options of the Llama-3.x / Mistral / Qwen families (Megatron's names)
+    add_qkv_bias: Optional[bool] = None
+    qk_layernorm: Optional[bool] = None
+    untie_embeddings_and_output_weights: Optional[bool] = None
+    use_rope_scaling: Optional[bool] = None
+    rope_scaling_factor: Optional[float] = None
+    rope_scaling_low_freq_factor: Optional[float] = None
+    rope_scaling_high_freq_factor: Optional[float] = None
+    rope_scaling_original_max_position_embeddings: Optional[int] = None
 
     def validate(self, world_size: int, datasets_given: bool = False) -> None:
         """Impossible settings fail here, before any work starts, with the fix in the message.
@@ -182,18 +191,25 @@ _NON_NEGATIVE = ("lr", "min_lr", "sink_tokens", "lr_warmup_iters", "eval_iters",
                  "clip_grad")
 
 
+# Llama-3.x / Mistral / Qwen options: the preset's, else LongGenConfig's (Llama-2) defaults.
+ARCHITECTURE_FIELDS = (
+    "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights", "use_rope_scaling",
+    "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_position_embeddings",
+)
 MODEL_FIELDS = (
     "rotary_base", "sparse_attention", "sink_tokens", "sliding_window_size", "sparse_block_size",
     "local_blocks", "vert_stride", "homo_head", "vert_stride_rule", "full_attention_layers",
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "linear_cross_entropy_chunk_mb",
-    "kv_channels", "layernorm_epsilon",
+    "kv_channels", "layernorm_epsilon", *ARCHITECTURE_FIELDS,
 )
 
 # One line per flag for --help; the default is appended by the parser.
 HELP: Dict[str, str] = {
-    "model": "named model shape (tiny, llama2-7b, llama2-70b); a checkpoint under --load brings its own",
+    "model": "named model shape (tiny, llama2-7b, llama2-70b, llama3.1-8b, llama3.1-70b, qwen2.5-7b, "
+             "qwen3-8b, mistral-7b); a checkpoint under --load brings its own",
     "seq_length": "tokens per training sequence (a resume keeps the checkpoint's)",
     "vocab_size": "vocabulary size before padding to a multiple of 128 x TP",
     "tensor_model_parallel_size": "tensor-parallel size: GPUs that split every layer's matrices",
@@ -263,6 +279,16 @@ HELP: Dict[str, str] = {
     "ffn_hidden_size": "width of the SwiGLU MLP",
     "kv_channels": "width of one attention head (a preset's is hidden size / heads)",
     "layernorm_epsilon": "RMSNorm epsilon",
+    "add_qkv_bias": "biases on the query, key and value projections only (Qwen2)",
+    "qk_layernorm": "per-head RMSNorm on queries and keys before RoPE (Qwen3)",
+    "untie_embeddings_and_output_weights": "separate input embedding and output layer; "
+                                           "--no-untie-... ties them (Llama-3.2 1B/3B, small Qwen2.5)",
+    "use_rope_scaling": "Llama-3.x RoPE scaling of the low frequencies (rope_type llama3)",
+    "rope_scaling_factor": "llama3 RoPE scaling: factor the low frequencies are divided by",
+    "rope_scaling_low_freq_factor": "llama3 RoPE scaling: low_freq_factor",
+    "rope_scaling_high_freq_factor": "llama3 RoPE scaling: high_freq_factor",
+    "rope_scaling_original_max_position_embeddings": "llama3 RoPE scaling: the pretraining "
+                                                     "length the wavelengths are measured against",
     "cross_entropy_loss_fusion": "fused cross-entropy loss, of --cross-entropy-fusion-impl",
     "cross_entropy_fusion_impl": "native: Megatron's fused vocab-parallel loss; te: "
                                  "TransformerEngine's; linear: output layer and loss in "
@@ -279,7 +305,7 @@ def _default_text(f: dataclasses.Field) -> str:
         return str(default)
     if f.name == "core_attention_backend":  # how to run, not what the model is
         return LongGenConfig.core_attention_backend
-    longgen = {g.name for g in dataclasses.fields(LongGenFields)} | {"rotary_base"}
+    longgen = {g.name for g in dataclasses.fields(LongGenFields)} | {"rotary_base", *ARCHITECTURE_FIELDS}
     fallback = getattr(LongGenConfig, f.name) if f.name in longgen else None
     if fallback is None:
         fallback = "the placement's" if f.name == "full_attention_layers" else "the --model preset's"

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from megatron_longgen.checkpoint.hf_files import ROPE_SCALING_OPTIONS
 from megatron_longgen.checkpoint.record import CheckpointRecord
 from megatron_longgen.config import LongGenFields, full_attention_layer_indices, longgen_fields
 from megatron_longgen.models.presets import get_preset
@@ -24,10 +25,11 @@ from megatron_longgen.utils.cli import fail, is_rank_zero
 
 # What the model is: the weights' shapes and the numerics that produced them.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "kv_channels", "layernorm_epsilon", "vocab_size")
+                "num_query_groups", "kv_channels", "layernorm_epsilon", "vocab_size",
+                "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights")
 # What LongGen length extension changes on purpose (with --finetune); placement and ratio are
 # compared through the full-attention layers they resolve to.
-EXTENSION_FIELDS = ("seq_length", "rotary_base",
+EXTENSION_FIELDS = ("seq_length", "rotary_base", "use_rope_scaling", *ROPE_SCALING_OPTIONS.values(),
                     *(f.name for f in dataclasses.fields(LongGenFields)
                       if f.name not in ("full_attention_placement", "full_attention_ratio")))
 _PLACEMENT = ("full_attention_layers", "full_attention_placement", "full_attention_ratio")
@@ -59,7 +61,7 @@ class LoadedCheckpoint:
             num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=s.ffn_hidden_size,
             num_attention_heads=s.num_attention_heads, num_query_groups=s.num_query_groups,
             kv_channels=s.head_dim, layernorm_epsilon=s.rms_norm_eps, vocab_size=s.vocab_size,
-            rotary_base=r.rotary_base, **longgen_fields(r.longgen))
+            rotary_base=r.rotary_base, **s.model_options(), **longgen_fields(r.longgen))
         out["full_attention_layers"] = r.full_layers
         if self.train_config is not None:  # a trainer checkpoint also knows its run's length
             out["seq_length"] = self.train_config["seq_length"]

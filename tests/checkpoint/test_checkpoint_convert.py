@@ -222,8 +222,10 @@ def test_error_missing_shard(hf_models, tmp_path):
 
 @pytest.mark.parametrize("edit,message", [
     ({"intermediate_size": 128}, "config/weight shape mismatch"),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "unsupported architecture"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "unsupported architecture"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling without"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+    ({"attention_bias": True}, "attention biases on every projection"),
     ({"hidden_act": "gelu"}, "unsupported architecture"),
 ])
 def test_error_bad_config(hf_models, tmp_path, edit, message):

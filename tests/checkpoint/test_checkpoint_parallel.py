@@ -42,13 +42,13 @@ def _logits(model, ids):
         return model(ids, pos, None)
 
 
-def _worker(rank, port, tp, pp, jobs, out_dir):
+def _worker(rank, port, tp, pp, jobs, out_dir, seq):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     from megatron_longgen.parallel.initialize import initialize_parallel
     from megatron_longgen.training import checkpointing
 
     initialize_parallel(tp, pp, device="cpu")
-    ids = token_batch()
+    ids = token_batch(seq=seq)
     for name, mg_dir, resave_dir in jobs:
         model, _ = build_from_record(mg_dir)
         checkpointing.load_checkpoint(mg_dir, [model], finetune=True)  # the trainer's loader
@@ -59,8 +59,9 @@ def _worker(rank, port, tp, pp, jobs, out_dir):
             checkpointing.save_checkpoint(resave_dir, 0, [model], None, None, consumed_samples=0)
 
 
-def _spawn(tp, pp, jobs, out_dir):
-    mp.spawn(_worker, args=(_free_port(), tp, pp, jobs, str(out_dir)), nprocs=2, join=True)
+def _spawn(tp, pp, jobs, out_dir, seq=48):
+    """Each job's logits at layout TP x PP (2 ranks) for a batch of ``seq`` tokens."""
+    mp.spawn(_worker, args=(_free_port(), tp, pp, jobs, str(out_dir), seq), nprocs=2, join=True)
 
 
 @pytest.fixture(scope="module")
