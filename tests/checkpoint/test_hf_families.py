@@ -58,11 +58,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def source_model(family):
+def source_model(family, vocab_size=VOCAB):
+    """A random model of the family's transformers class, biases and norm weights random too."""
     cls, options = FAMILIES[family][:2]
     torch.manual_seed(0)
     config_cls = getattr(transformers, cls.replace("ForCausalLM", "Config"))
-    model = getattr(transformers, cls)(config_cls(**SHAPE, **options)).eval()
+    model = getattr(transformers, cls)(config_cls(**{**SHAPE, "vocab_size": vocab_size}, **options)).eval()
     with torch.no_grad():  # biases start at zero and norm weights at one: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -120,7 +121,7 @@ def saved_tensor_names(folder):
 
 def greedy_equals_recomputing(model, prompt=21, new=30):
     """Greedy generate() with the LongGen cache vs the whole sequence without a cache: the
-    prompt exceeds the window and the total spans several blocks."""
+    prompt exceeds the window and the total spans several blocks. Returns the sequences."""
     ids = torch.randint(1, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True,
@@ -130,6 +131,7 @@ def greedy_equals_recomputing(model, prompt=21, new=30):
     for step, logits in enumerate(out.logits):
         assert (logits - full[:, prompt - 1 + step]).abs().max() <= 1e-4, step
     assert torch.equal(out.sequences[:, prompt:], full[:, prompt - 1:-1].argmax(-1))
+    return out.sequences
 
 
 @pytest.mark.parametrize("pattern", sorted(HYBRID))
