@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-from checkpoint_helpers import build_from_record, megatron_forward
+from checkpoint_helpers import build_from_record, megatron_forward, one_thread  # noqa: F401
 from megatron_longgen.checkpoint import ExportOptions, ImportOptions, hf_to_megatron, megatron_to_hf
 from megatron_longgen.checkpoint.convert import load_hf_export
 from megatron_longgen.checkpoint.record import LongGenSettings
-from test_hf_families import FAMILIES, greedy_equals_recomputing, one_thread, source_model  # noqa: F401
+from test_hf_families import FAMILIES, greedy_equals_recomputing, source_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER_VOCAB = 512

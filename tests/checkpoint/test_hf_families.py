@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from checkpoint_helpers import returned_cache
+from checkpoint_helpers import assert_generation_equals_recomputing, one_thread  # noqa: F401 (fixture)
 from megatron_longgen.checkpoint.convert import HF_MODELING_DIR, load_hf_export
 
 VOCAB, MAX_POS, WINDOW = 120, 96, 8
@@ -50,14 +50,6 @@ HYBRID = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny ops: extra threads only synchronise
-    yield
-    torch.set_num_threads(before)
-
-
 def source_model(family, vocab_size=VOCAB):
     """A random model of the family's transformers class, biases and norm weights random too."""
     cls, options = FAMILIES[family][:2]
@@ -73,14 +65,15 @@ def source_model(family, vocab_size=VOCAB):
     return model
 
 
-def longgen_export(source, folder, family_keys, layout):
+def longgen_export(source, folder, longgen_keys):
     """The source's weights in a folder laid out as the exporter writes one: same tensor
-    names, a LongGen config.json and the remote-code files."""
+    names, a LongGen config.json (the shape, then ``longgen_keys``: the family's keys and the
+    layout) and the remote-code files."""
     source.save_pretrained(folder)
     keys = dict(SHAPE, head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
                 hidden_act="silu", tie_word_embeddings=False, qkv_bias=False, qk_norm=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_theta=10000.0)
-    keys.update(family_keys, **layout, model_type="longgen", architectures=["LongGenForCausalLM"],
+    keys.update(longgen_keys, model_type="longgen", architectures=["LongGenForCausalLM"],
                 torch_dtype="float32",
                 auto_map={"AutoConfig": "configuration_longgen.LongGenConfig",
                           "AutoModelForCausalLM": "modeling_longgen.LongGenForCausalLM"})
@@ -98,7 +91,7 @@ def family(request, tmp_path_factory):
 def test_export_equals_the_source_model(family):
     name, source, folder = family
     _, _, family_keys, layout, without_feature = FAMILIES[name]
-    ours = longgen_export(source, folder / "native", family_keys, layout)
+    ours = longgen_export(source, folder / "native", {**family_keys, **layout})
     if family_keys.get("tie_word_embeddings"):  # tied exports have no lm_head.weight
         assert "lm_head.weight" not in saved_tensor_names(folder / "native")
         assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
@@ -107,8 +100,7 @@ def test_export_equals_the_source_model(family):
         expected = source(ids, use_cache=False).logits
         assert (ours(ids, use_cache=False).logits - expected).abs().max() <= 1e-4
         if without_feature is not None:  # the feature changes these logits: the check is real
-            plain = longgen_export(source, folder / "without", {**family_keys, **without_feature},
-                                   {**layout, **without_feature} if name == "mistral" else layout)
+            plain = longgen_export(source, folder / "without", {**family_keys, **layout, **without_feature})
             assert (plain(ids, use_cache=False).logits - expected).abs().max() > 1e-2
 
 
@@ -119,29 +111,20 @@ def saved_tensor_names(folder):
         return set(f.keys())
 
 
-def greedy_equals_recomputing(model, prompt=21, new=30):
-    """Greedy generate() with the LongGen cache vs the whole sequence without a cache: the
-    prompt exceeds the window and the total spans several blocks. Returns the sequences."""
-    ids = torch.randint(1, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-        full = model(out.sequences, use_cache=False).logits
-    assert type(returned_cache(out)).__name__ == "LongGenCache"
-    for step, logits in enumerate(out.logits):
-        assert (logits - full[:, prompt - 1 + step]).abs().max() <= 1e-4, step
-    assert torch.equal(out.sequences[:, prompt:], full[:, prompt - 1:-1].argmax(-1))
-    return out.sequences
+def greedy_equals_recomputing(model):
+    """The prompt exceeds the window; the total spans several blocks. Returns the sequences."""
+    ids = torch.randint(1, VOCAB, (2, 21), generator=torch.Generator().manual_seed(3))
+    return assert_generation_equals_recomputing(model, ids, 30).sequences
 
 
 @pytest.mark.parametrize("pattern", sorted(HYBRID))
 def test_hybrid_generation_with_the_pattern_cache_equals_recomputing(family, pattern):
     name, source, folder = family
-    greedy_equals_recomputing(longgen_export(source, folder / pattern, FAMILIES[name][2],
-                                             HYBRID[pattern]))
+    family_keys = FAMILIES[name][2]
+    greedy_equals_recomputing(longgen_export(source, folder / pattern, {**family_keys, **HYBRID[pattern]}))
 
 
 def test_native_window_generation_equals_recomputing(tmp_path):
     """Mistral's own layout has no full layer: HF sizes its mask from the sparse layers."""
     _, _, family_keys, layout, _ = FAMILIES["mistral"]
-    greedy_equals_recomputing(longgen_export(source_model("mistral"), tmp_path, family_keys, layout))
+    greedy_equals_recomputing(longgen_export(source_model("mistral"), tmp_path, {**family_keys, **layout}))
