@@ -6,44 +6,32 @@ where it would not compute the module (biases, q/k norms)."""
 
 import pytest
 import torch
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_longgen.inference import fused_ops
 from megatron_longgen.inference.engine import InferenceEngine
-from megatron_longgen.models.gpt import LongGenGPTModel
+from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.norm import RMSNorm
 from megatron_longgen.models.presets import longgen_config
-from megatron_longgen.models.specs import longgen_layer_spec
 from test_engine import CASES, MAX_LEN, VOCAB, engine_greedy, full_forward_greedy
 from test_fast_path import greedy
 
-LLAMA3 = dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=16)
+LLAMA3 = dict(use_rope_scaling=True, rope_scaling_factor=4.0, rope_scaling_low_freq_factor=1.0,
+              rope_scaling_high_freq_factor=4.0, rope_scaling_original_max_position_embeddings=16)
+TIED = dict(untie_embeddings_and_output_weights=False)
 FAMILIES = {
-    "qwen2": dict(qkv_bias=True, tied=True),
-    "qwen3": dict(qk_norm=True),
-    "llama3": dict(llama3=True, tied=True),
-    "mistral": dict(layout=dict(sparse_attention="attn_sink", sink_tokens=0, sliding_window_size=8,
-                                full_attention_layers=[])),
+    "qwen2": dict(add_qkv_bias=True, **TIED),
+    "qwen3": dict(qk_layernorm=True),
+    "llama3": dict(**LLAMA3, **TIED),
+    "mistral": dict(sparse_attention="attn_sink", sink_tokens=0, sliding_window_size=8,
+                    full_attention_layers=[]),
 }
 
 
-def family_model(qkv_bias=False, qk_norm=False, tied=False, llama3=False, layout=CASES["attn_sink"]):
+def family_model(options):
     torch.manual_seed(0)
     cfg = longgen_config("tiny", use_cpu_initialization=True, rotary_base=50000.0,
-                         add_qkv_bias=qkv_bias, qk_layernorm=qk_norm, **layout)
-    spec = longgen_layer_spec()
-    if qk_norm:
-        attention = spec.submodules.self_attention.submodules
-        attention.q_layernorm = attention.k_layernorm = RMSNorm
-    model = LongGenGPTModel(
-        config=cfg, transformer_layer_spec=TransformerBlockSubmodules(
-            layer_specs=[spec] * cfg.num_layers, layer_norm=RMSNorm),
-        vocab_size=VOCAB, max_sequence_length=MAX_LEN, share_embeddings_and_output_weights=tied,
-        position_embedding_type="rope", rotary_base=cfg.rotary_base)
-    if llama3:  # before any forward: RotaryEmbedding caches its tables
-        rotary = model.rotary_pos_emb
-        rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, **LLAMA3)
+                         **{**CASES["attn_sink"], **options})
+    model = build_longgen_model(cfg, VOCAB, MAX_LEN)
     with torch.no_grad():  # biases start at zero and norms at one: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -55,7 +43,7 @@ def family_model(qkv_bias=False, qk_norm=False, tied=False, llama3=False, layout
 
 @pytest.fixture(params=list(FAMILIES))
 def family(request, megatron_cpu):  # a tiny model builds in a blink: one per test
-    return request.param, family_model(**FAMILIES[request.param])
+    return request.param, family_model(FAMILIES[request.param])
 
 
 def test_the_options_are_in_the_model(family):
@@ -63,8 +51,7 @@ def test_the_options_are_in_the_model(family):
     attn = model.decoder.layers[0].self_attention
     assert (attn.linear_qkv.bias is not None) == (name == "qwen2")
     assert isinstance(attn.q_layernorm, RMSNorm) == (name == "qwen3")
-    tied = FAMILIES[name].get("tied", False)
-    assert (model.output_layer.weight is None) == tied  # the embedding is the output layer
+    assert (model.output_layer.weight is None) == (name in ("qwen2", "llama3"))  # tied: the embedding
     plain = 1.0 / 50000.0 ** (torch.arange(0, 16, 2).float() / 16)
     assert torch.allclose(model.rotary_pos_emb.inv_freq, plain) == (name != "llama3")
 
