@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 # Shapes: MHA; GQA whose 6 query groups are not a power of two (and split 3 + 3 at TP=2).
@@ -78,3 +79,35 @@ def returned_cache(output):
     ``past_key_values`` before."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decoding a tiny model is hundreds of tiny ops: extra intra-op threads only add
+    synchronisation, which stalls badly on a busy machine. Applies to the modules that import it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def greedy(model, ids, new_tokens):
+    """Greedy generate() of an HF model, with the per-step logits."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+
+
+def assert_generation_equals_recomputing(model, ids, new_tokens):
+    """Greedy generate() with the model's default (LongGen) cache equals the whole sequence run
+    without a cache: every step's logits (<= 1e-4) and tokens. Returns generate()'s output."""
+    out = greedy(model, ids, new_tokens)
+    prompt = ids.shape[1]
+    assert out.sequences.shape[1] == prompt + new_tokens
+    assert type(returned_cache(out)).__name__ == "LongGenCache"
+    with torch.no_grad():
+        full = model(out.sequences, use_cache=False).logits
+    for step, logits in enumerate(out.logits):
+        assert (logits - full[:, prompt - 1 + step]).abs().max() <= 1e-4, step
+    assert torch.equal(out.sequences[:, prompt:], full[:, prompt - 1:-1].argmax(-1))
+    return out

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from checkpoint_helpers import returned_cache
+from checkpoint_helpers import (  # noqa: F401 (one_thread: a module fixture)
+    assert_generation_equals_recomputing, greedy, one_thread, returned_cache)
 from megatron_longgen.checkpoint.convert import HF_MODELING_DIR, load_hf_export
 from megatron_longgen.checkpoint.hf_modeling.configuration_longgen import LongGenConfig
 from megatron_longgen.checkpoint.hf_modeling.modeling_longgen import (
@@ -44,40 +45,16 @@ def export_tiny(path, heads, kv_heads, sparse, seed=0):
     return load_hf_export(str(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding a tiny model is hundreds of tiny ops: extra intra-op threads only add
-    synchronisation, which stalls badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def model(request, tmp_path_factory):
     heads, kv_heads, sparse = CASES[request.param]
     return export_tiny(tmp_path_factory.mktemp(request.param), heads, kv_heads, sparse)
 
 
-def greedy(model, ids, new_tokens):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
-
-
 def test_generate_equals_recomputing_without_cache(model):
     prompt, new = 21, 40  # prompt longer than the window; total several windows/blocks
     ids = torch.randint(1, 120, (2, prompt), generator=torch.Generator().manual_seed(3))
-    out = greedy(model, ids, new)
-    assert out.sequences.shape[1] == prompt + new
-    cache = returned_cache(out)
-    assert type(cache).__name__ == "LongGenCache"
-    with torch.no_grad():
-        full = model(out.sequences, use_cache=False).logits
-    for step, logits in enumerate(out.logits):
-        assert (logits - full[:, prompt - 1 + step]).abs().max() <= 1e-4, step
-    assert torch.equal(out.sequences[:, prompt:], full[:, prompt - 1:-1].argmax(-1))
+    assert_generation_equals_recomputing(model, ids, new)
 
 
 # transformers >= 5.24 warns that past_key_values is deprecated: the point here is that it still works.

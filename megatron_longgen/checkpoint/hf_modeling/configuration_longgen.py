@@ -1,13 +1,41 @@
-"""Config of an exported LongGen model: a Llama config plus the hybrid-attention fields."""
+"""Config of an exported LongGen model: a Llama config plus the family and hybrid-attention
+fields."""
+
+import inspect
 
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 SPARSE_PATTERNS = ("attn_sink", "block_sparse")
 VERT_STRIDE_RULES = ("cover", "legacy")
 
+# transformers before 5.0 read RoPE from rope_theta and rope_scaling; later ones from
+# rope_parameters (which the export writes) and ignore the old keys.
+_READS_ROPE_SCALING = "rope_scaling" in inspect.signature(LlamaConfig.__init__).parameters
+
+
+def _rope_in_installed_format(kwargs: dict) -> dict:
+    """kwargs with ``rope_parameters`` also given as rope_theta / rope_scaling where the
+    installed LlamaConfig reads only those (else a llama3-scaled export would run plain RoPE)."""
+    params = kwargs.get("rope_parameters")
+    if not _READS_ROPE_SCALING or not params:
+        return kwargs
+    params = dict(params)
+    kwargs = dict(kwargs)
+    if "rope_theta" in params:
+        kwargs["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default" and kwargs.get("rope_scaling") is None:
+        kwargs["rope_scaling"] = params
+    return kwargs
+
 
 class LongGenConfig(LlamaConfig):
-    """``full_attention_layers`` (0-based) keep causal attention; every other layer uses
+    """The source family's architecture: Llama's fields (``head_dim``, ``rope_parameters``
+    incl. llama3 scaling, ``tie_word_embeddings``, ``rms_norm_eps``) plus ``qkv_bias`` (biases
+    on the q, k and v projections only, as Qwen2; not o_proj) and ``qk_norm`` (per-head RMSNorm
+    on q and k before RoPE, as Qwen3). Both default to False, Llama's, so older exports load
+    as they were written.
+
+    ``full_attention_layers`` (0-based) keep causal attention; every other layer uses
     ``sparse_attention``. Placement names are resolved at export so this file needs no rule
     for them; ``full_attention_placement`` / ``full_attention_ratio`` are kept for reference.
     ``vert_stride_rule`` defaults to ``legacy``: exports written before it was recorded used
@@ -28,6 +56,8 @@ class LongGenConfig(LlamaConfig):
         full_attention_layers=None,
         full_attention_placement=None,
         full_attention_ratio=None,
+        qkv_bias=False,
+        qk_norm=False,
         **kwargs,
     ):
         if sparse_attention not in SPARSE_PATTERNS:
@@ -45,6 +75,8 @@ class LongGenConfig(LlamaConfig):
         self.full_attention_layers = None if full_attention_layers is None else [int(i) for i in full_attention_layers]
         self.full_attention_placement = full_attention_placement
         self.full_attention_ratio = full_attention_ratio
-        super().__init__(**kwargs)
+        self.qkv_bias = bool(qkv_bias)
+        self.qk_norm = bool(qk_norm)
+        super().__init__(**_rope_in_installed_format(kwargs))
         if self.full_attention_layers is None:  # no LongGen layout given: every layer full
             self.full_attention_layers = list(range(self.num_hidden_layers))

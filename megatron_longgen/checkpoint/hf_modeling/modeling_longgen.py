@@ -1,6 +1,10 @@
 """LongGen for HF transformers: a Llama whose sparse layers apply a static attention pattern.
 
-Full layers are plain ``LlamaAttention``. Sparse layers compute attention in plain torch
+One model runs the Llama-family sources (Llama-2/3.x, Mistral, Qwen2(.5), Qwen3): RoPE
+(llama3 scaling included), ``head_dim`` and tying come from the Llama config; ``qkv_bias``
+(Qwen2) and ``qk_norm`` (Qwen3) from ``LongGenConfig``. Full layers are ``LlamaAttention``
+with those two additions (``LongGenAttention``); a Mistral-style native window is an
+``attn_sink`` layer with no sink tokens. Sparse layers compute attention in plain torch
 (SDPA with a boolean mask) on CPU and for short queries (decoding); on GPU a prompt runs
 through FlexAttention with the same rule as a block mask, so no L x L mask is built. The pattern rules below are the same
 as the training code's: a query at position q reads key k (k <= q) when
@@ -44,6 +48,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
     LlamaPreTrainedModel,
+    LlamaRMSNorm,
     apply_rotary_pos_emb,
     repeat_kv,
 )
@@ -339,8 +344,39 @@ class LongGenCache(Cache):
         return ", ".join(parts + [f"total: {sum(self.nbytes_by_kind().values()) / 2**20:.2f} MiB"])
 
 
-class LongGenSparseAttention(LlamaAttention):
-    """LlamaAttention (same weights) with the layer's sparse pattern applied."""
+class LongGenAttention(LlamaAttention):
+    """LlamaAttention plus the family options: ``qkv_bias`` gives q, k and v projections a
+    bias (o_proj keeps none, as Qwen2); ``qk_norm`` adds ``q_norm`` / ``k_norm``, RMSNorm over
+    each head's width applied to the q and k projections' output before RoPE (as Qwen3).
+
+    The norms run as forward hooks of q_proj / k_proj, so LlamaAttention's own forward (which
+    differs across transformers versions) runs unchanged and the weight names stay the
+    family's (``self_attn.q_norm.weight``)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        if config.qkv_bias:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plain = getattr(self, name)
+                setattr(self, name, nn.Linear(plain.in_features, plain.out_features, bias=True))
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_proj.register_forward_hook(self._norm_query)
+            self.k_proj.register_forward_hook(self._norm_key)
+
+    def _per_head(self, norm, projected):
+        return norm(projected.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
+    def _norm_query(self, module, args, projected):
+        return self._per_head(self.q_norm, projected)
+
+    def _norm_key(self, module, args, projected):
+        return self._per_head(self.k_norm, projected)
+
+
+class LongGenSparseAttention(LongGenAttention):
+    """LongGenAttention (same weights) with the layer's sparse pattern applied."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 **kwargs):
@@ -414,8 +450,8 @@ class LongGenModel(LlamaModel):
         super().__init__(config)
         full = set(config.full_attention_layers)
         for i, layer in enumerate(self.layers):
-            if i not in full:
-                layer.self_attn = LongGenSparseAttention(config, layer_idx=i)
+            attention = LongGenAttention if i in full else LongGenSparseAttention
+            layer.self_attn = attention(config, layer_idx=i)
         self.post_init()
 
     def forward(self, *args, **kwargs):
@@ -451,6 +487,6 @@ class LongGenForCausalLM(LlamaForCausalLM):
         return super().generate(*args, **_cache_under_installed_name(kwargs))
 
 
-__all__ = ["LongGenCache", "LongGenConfig", "LongGenForCausalLM", "LongGenModel", "LongGenPatternLayer",
-           "LongGenSparseAttention",
+__all__ = ["LongGenAttention", "LongGenCache", "LongGenConfig", "LongGenForCausalLM", "LongGenModel",
+           "LongGenPatternLayer", "LongGenSparseAttention",
            "flex_sparse_attention", "longgen_sparse_mask"]
