@@ -182,13 +182,14 @@ class TrainConfig:
 _POSITIVE = (
     "seq_length", "vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size",
-    "global_batch_size", "train_iters", "lr_decay_iters", "recompute_num_layers",
+    "global_batch_size", "lr_decay_iters", "recompute_num_layers",
     "save_interval", "exit_interval", "eval_interval", "log_interval",
     "sliding_window_size", "sparse_block_size", "local_blocks", "vert_stride", "rotary_base",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
 )
-_NON_NEGATIVE = ("lr", "min_lr", "sink_tokens", "lr_warmup_iters", "eval_iters", "weight_decay",
-                 "clip_grad")
+# --train-iters 0 saves the initial weights (with --save) and trains nothing.
+_NON_NEGATIVE = ("train_iters", "lr", "min_lr", "sink_tokens", "lr_warmup_iters", "eval_iters",
+                 "weight_decay", "clip_grad")
 
 
 # Llama-3.x / Mistral / Qwen options: the preset's, else LongGenConfig's (Llama-2) defaults.
