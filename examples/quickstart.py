@@ -14,7 +14,7 @@
    sparse window: only layers with full attention can read it directly. All four are scored by
    greedy generation on the same prompts; a heatmap (depth x model) is written as PNG.
 
-    python examples/quickstart.py                 # about 12 minutes on 2 CPU cores
+    python examples/quickstart.py                 # 8-12 minutes on 2 CPU cores
     python examples/quickstart.py --models hybrid sparse --seed 1
     python examples/quickstart.py --device cuda
 """
