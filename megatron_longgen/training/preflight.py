@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from megatron_longgen.training.arguments import TrainConfig
-from megatron_longgen.utils.cli import fail
+from megatron_longgen.utils.cli import check_output_directory, fail
 
 # Tokens per chunk of the token-id scan (128 MiB of uint16), and the size that earns progress lines.
 SCAN_CHUNK = 1 << 26
@@ -27,8 +27,8 @@ def check_files(train: TrainConfig, prefixes: Sequence[str] = ()) -> None:
     """Output directories that are files, data prefixes without their files."""
     for flag, path in (("--save", train.save), ("--tensorboard-dir", train.tensorboard_dir),
                        ("--data-cache-path", train.data_cache_path)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            fail(f"{flag} {path} is a file; give a directory (it is created if missing)")
+        if path:
+            check_output_directory(path, flag)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):

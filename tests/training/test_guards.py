@@ -149,9 +149,10 @@ def test_bad_paths_fail_before_anything_is_written(tmp_path):
     os.remove(half + ".idx")
     before = files_under(tmp_path)
     cases = [
-        (["--mock-data", "--save", str(a_file)], "--save .*a_file is a file"),
-        (["--mock-data", "--tensorboard-dir", str(a_file)], "--tensorboard-dir .*a_file is a file"),
-        (["--mock-data", "--data-cache-path", str(a_file)], "--data-cache-path .*a_file is a file"),
+        (["--mock-data", "--save", str(a_file)], "--save: .*a_file is a file"),
+        (["--mock-data", "--save", str(a_file / "ckpt")], "--save: .*ckpt cannot be created: .*a_file is a file"),
+        (["--mock-data", "--tensorboard-dir", str(a_file)], "--tensorboard-dir: .*a_file is a file"),
+        (["--mock-data", "--data-cache-path", str(a_file)], "--data-cache-path: .*a_file is a file"),
         (["--mock-data", "--load", str(hf)], "HF model .*convert it with tools/convert_hf_to_megatron.py"),
         (["--mock-data", "--load", str(empty)], "no checkpoint in .*empty: neither latest_checkpointed_iteration.txt"),
         (["--mock-data", "--load", str(stale)], r"checkpoint .*stale/iter_0000100 does not exist"),
@@ -241,7 +242,7 @@ def test_train_command_reports_usage_errors(tmp_path, capsys):
     """``python -m megatron_longgen.train`` runs ``cli_main(argv)``."""
     assert cli_main(MOCK + ["--save", str(REPO / "README.md")]) == USAGE_ERROR
     assert capsys.readouterr().err.splitlines() == [
-        f"error: --save {REPO / 'README.md'} is a file; give a directory (it is created if missing)"]
+        f"error: --save: {REPO / 'README.md'} is a file, not a directory; choose another path"]
 
 
 def test_other_ranks_stay_silent_and_wait_for_rank_0(monkeypatch, capsys):
