@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from typing import Optional, Tuple
 
 import torch
@@ -66,9 +67,24 @@ def _flex_has_flash_backend() -> bool:
     return options is not None and "BACKEND" in getattr(options, "__annotations__", {})
 
 
+@functools.lru_cache(maxsize=1)
+def fa4_loads() -> bool:
+    """Whether ``flash_attn.cute`` imports (once, on the first CUDA use): an install whose CuTe
+    DSL libraries are incomplete is found by ``fa4_installed`` but fails here, and then counts
+    as missing, with one log line saying why."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as err:  # the DSL raises RuntimeError / ImportError / OSError
+        logging.getLogger(__name__).warning(
+            "%s is installed but does not load (%s); using the next backend", FA4_PACKAGE,
+            " ".join(str(err).split())[:200])
+        return False
+    return True
+
+
 def supports(pattern: Pattern, device) -> bool:
     device = torch.device(device)
-    if device.type != "cuda" or _capability(device) < _MIN_CAPABILITY:
+    if device.type != "cuda" or _capability(device) < _MIN_CAPABILITY or not fa4_loads():
         return False
     if isinstance(pattern, CausalPattern):
         return True
@@ -111,7 +127,11 @@ def fa4_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse
     if isinstance(pattern, AttnSinkPattern):
         from megatron_longgen.attention.flex import flex_attention_backend
 
+        # FLASH's backward takes no gradient of the LSE, and a compiled graph that returns the
+        # LSE hands it one: an LSE under autograd runs Flex's Triton template instead.
+        lse_under_grad = return_lse and torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v))
         return flex_attention_backend(q, k, v, pattern=pattern, heads=heads, scale=scale,
                                       cu_seqlens=cu_seqlens, return_lse=return_lse,
-                                      kernel_options=_FLASH_OPTIONS)
+                                      kernel_options=None if lse_under_grad else _FLASH_OPTIONS)
     raise ValueError(f"the fa4 backend does not serve {pattern}")

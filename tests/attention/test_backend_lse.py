@@ -112,10 +112,14 @@ def fa4_missing(monkeypatch):
     backends._log_missing_once.cache_clear()
 
 
+REAL_FA4_LOADS = fa4.fa4_loads.__wrapped__  # the import check itself, uncached
+
+
 @pytest.fixture
 def fa4_installed(monkeypatch):
     """flash-attn-4 found, on an sm90 device: registered exactly as at import."""
     monkeypatch.setattr(fa4, "fa4_installed", lambda: True)
+    monkeypatch.setattr(fa4, "fa4_loads", lambda: True)
     monkeypatch.setattr(fa4, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
     backends._register_gpu_backends()
@@ -155,6 +159,17 @@ def test_auto_prefers_fa4_where_it_measured_faster(fa4_installed, caplog):
         backends.resolve_backend("fa4", HETERO, CUDA)
     with pytest.raises(UsageError, match="does not support"):
         backends.resolve_backend("fa4", CausalPattern(), "cpu")
+
+
+def test_fa4_that_does_not_load_counts_as_missing(fa4_installed, monkeypatch, caplog):
+    """Found but broken (e.g. the CuTe DSL's libraries incomplete): auto takes the next
+    backend with one line saying why, instead of failing in the first forward."""
+    monkeypatch.setattr(fa4, "fa4_loads", REAL_FA4_LOADS)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import raises ImportError
+    with caplog.at_level(logging.WARNING, logger="megatron_longgen.attention"):
+        assert backends.resolve_backend("auto", CausalPattern(), CUDA).name == "sdpa"
+        assert backends.resolve_backend("auto", SINK, CUDA).name == "flex"
+    assert any("flash-attn-4 is installed but does not load" in r.getMessage() for r in caplog.records)
 
 
 def test_fa4_needs_sm90(fa4_installed, monkeypatch, caplog):
