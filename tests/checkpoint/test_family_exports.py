@@ -4,7 +4,6 @@ generates with the pattern cache what recomputing gives; ``tools/generate.py`` o
 checkpoint decodes the same tokens as the export, and ``tools/evaluate.py`` scores the
 checkpoint and the export alike."""
 
-import importlib.util
 import json
 import os
 
@@ -16,6 +15,7 @@ from megatron_longgen.checkpoint import ExportOptions, ImportOptions, hf_to_mega
 from megatron_longgen.checkpoint.convert import load_hf_export
 from megatron_longgen.checkpoint.record import LongGenSettings
 from test_hf_families import FAMILIES, greedy_equals_recomputing, source_model
+from tool_modules import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER_VOCAB = 512
@@ -29,13 +29,6 @@ LAYOUTS = {
 }
 FAMILY_LAYOUT = {"llama3": "block_sparse", "llama_tied": "attn_sink", "qwen2": "attn_sink",
                  "qwen3": "block_sparse", "mistral": None}
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", os.path.join(ROOT, "tools", f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 @pytest.fixture(scope="module")

@@ -171,14 +171,9 @@ def test_failed_run_keeps_previous_outputs(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    import importlib.util
+    from tool_modules import load_tool
 
-    from data_helpers import REPO
-
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli", os.path.join(REPO, "tools", "preprocess_data.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    main = cli.main
+    main = load_tool("preprocess_data").main
     out = tmp_path / "cli" / "c"
     rc = main([
         "--input", f"stories={os.path.join(CORPUS_DIR, 'stories.jsonl')}",

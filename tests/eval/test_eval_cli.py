@@ -1,7 +1,6 @@
 """tools/evaluate.py on a trainer checkpoint: tasks, the eviction baseline and perplexity; on HF
 exports of it; and tensor parallel on two gloo ranks against one process."""
 
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from megatron_longgen.utils.cli import run_main
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "parallel"))
 import harness as H  # noqa: E402
+from tool_modules import load_tool
 
 
 def save_tiny_checkpoint(path, seed=5, placement="middle"):
@@ -29,13 +29,6 @@ def save_tiny_checkpoint(path, seed=5, placement="middle"):
     checkpointing.save_checkpoint(str(path), 0, [model], None, None, consumed_samples=0,
                                   train_config=train)
     return path
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, "tools", "evaluate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 TASK_FLAGS = ["--tasks", "passkey,niah", "--lengths", "224,288", "--depths", "0,1", "--no-progress"]
@@ -53,7 +46,7 @@ def generated(out_dir):
 def test_cli_writes_report(megatron_cpu, tokenizer, tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
-    assert load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
+    assert load_tool("evaluate").main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(out),
                             *TASK_FLAGS, "--all-full", "--evict-sink", "4", "--evict-window", "64",
                             *ppl_flags(4)]) == 0
     report = json.load(open(out / "report.json"))
@@ -68,7 +61,7 @@ def test_cli_on_hf_exports_answers_as_the_megatron_checkpoint(megatron_cpu, toke
     """A LongGen export keeps the hybrid layout; a plain Llama export runs every layer full."""
     from megatron_longgen.checkpoint import ExportOptions, megatron_to_hf
 
-    cli = load_cli()
+    cli = load_tool("evaluate")
     runs = {}
     for placement, plain in (("middle", False), ("all", True)):
         ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{placement}", placement=placement)
@@ -89,7 +82,7 @@ def _tp_worker(rank, world, port, ckpt, tok, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    load_cli().main(["--load", ckpt, "--tokenizer-model", tok, "--output-dir", out, *TASK_FLAGS,
+    load_tool("evaluate").main(["--load", ckpt, "--tokenizer-model", tok, "--output-dir", out, *TASK_FLAGS,
                      "--tensor-model-parallel-size", str(world), *ppl_flags(2)])
 
 
@@ -98,7 +91,7 @@ def test_cli_tensor_parallel_matches_one_process(megatron_cpu, tokenizer, tmp_pa
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     one = tmp_path / "tp1"
-    load_cli().main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(one),
+    load_tool("evaluate").main(["--load", str(ckpt), "--tokenizer-model", tokenizer.path, "--output-dir", str(one),
                      *TASK_FLAGS, *ppl_flags(2)])
     two = tmp_path / "tp2"
     mp.spawn(_tp_worker, args=(2, H.free_port(), str(ckpt), tokenizer.path, str(two)), nprocs=2, join=True)
@@ -127,7 +120,7 @@ def test_cli_perplexity_from_an_indexed_dataset(megatron_cpu, tokenizer, tmp_pat
     assert docs == [tokenizer.encode_document(t.read_text()) for t in texts]
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
-    cli, losses = load_cli(), {}
+    cli, losses = load_tool("evaluate"), {}
     for name, flags in (("indexed", ["--ppl-data-path", prefix]),
                         ("text", ["--ppl-text", str(texts[0]), "--ppl-text", str(texts[1])])):
         out = tmp_path / name
@@ -159,7 +152,7 @@ def test_cli_usage_errors_are_one_line_before_any_model_is_loaded(tokenizer, tmp
         (["--ppl-data-path", str(tmp_path / "heldout")], "--ppl-data-path: .*heldout.bin is not a file"),
         ([], f"no checkpoint at {tmp_path / 'nowhere'}: it does not exist"),
     ]
-    cli = load_cli()
+    cli = load_tool("evaluate")
     for flags, message in cases:
         assert run_main(cli.main, base + flags) == 2, flags
         err = capsys.readouterr().err

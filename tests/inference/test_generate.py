@@ -2,8 +2,6 @@
 checkpoint."""
 
 import dataclasses
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,9 +12,9 @@ from megatron_longgen.inference.generate import SamplingConfig, filter_logits, g
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import get_preset, longgen_config
 from megatron_longgen.utils.cli import UsageError, run_main
+from tool_modules import load_tool
 
 VOCAB = get_preset("tiny").vocab_size
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_engine(max_length=96):
@@ -93,9 +91,7 @@ def test_cli_generates_from_a_trainer_checkpoint(megatron_cpu, tmp_path, capsys)
     checkpointing.save_checkpoint(str(tmp_path), 0, [model], None, None, consumed_samples=0,
                                   train_config=train)
 
-    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "tools", "generate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("generate")
     prompt = list(range(1, 40))
     assert cli.main(["--load", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
                      "--max-new-tokens", "5", "--report-cache"]) == 0

@@ -2,23 +2,16 @@
 line, no traceback; and every flag of every tool has a help text."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from tool_modules import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = ("convert_hf_to_megatron", "convert_megatron_to_hf", "preprocess_data", "generate", "evaluate")
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bad_invocations(tmp):
