@@ -32,11 +32,12 @@ from megatron_longgen.parallel.initialize import initialize_parallel  # noqa: E4
 # First match wins; names are CUDA kernel names as the profiler reports them.
 KINDS = [
     ("fused norm/RoPE/SwiGLU (ours)", r"_rms_norm_kernel|_qkv_rope_kernel|_swiglu_kernel"),
+    ("attention: SDPA/flash", r"flash|fmha|cudnn"),  # before matmul: FA4's names say cutlass
     ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitKreduce"),
-    ("attention: SDPA/flash", r"flash|fmha|cudnn"),
     ("attention: ours (Triton)", r"_attn_fwd|_fwd_kernel|block_sparse|_sparse"),
     ("attention: decode", r"decode|_merge"),
     ("norm", r"norm"),
+    ("optimizer", r"foreach|multi_tensor|adam"),
     ("copy/cat/index", r"copy|cat|index|gather|scatter|elementwise_kernel_with_index|fill"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce"),
 ]
