@@ -29,6 +29,11 @@ fp32, that gradient errs about 1.4x as much as Megatron's single matmul does (CU
 parallelism the all-gathered hidden states (``s x h``) are kept for backward, where
 Megatron's linear keeps this rank's slice and gathers again.
 
+On CUDA the elementwise work of a chunk is one Triton kernel each way (``_chunk_lse`` reads
+the chunk's logits once for the log-sum-exp and the target's logit; ``_chunk_grad`` turns them
+into the gradient in place), the same fp32 arithmetic as the torch ops they replace (which
+read and write an fp32 copy of the logits four times); elsewhere the torch ops run.
+
 Chunks run over tokens, not over the vocabulary: then grad_h of each chunk is final and only
 grad_W (``vocab / TP x hidden``) accumulates across chunks; over the vocabulary it would be
 grad_h (``tokens x hidden``), larger at long context.
@@ -40,6 +45,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -53,9 +60,71 @@ def chunk_tokens(chunk_mb: float, vocab_per_rank: int) -> int:
     return max(1, int(chunk_mb * MiB) // (4 * vocab_per_rank))
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of a chunk, rounded like Megatron's: matmul in the weight's dtype first."""
-    return torch.matmul(hidden, weight.t()).float()
+@triton.jit
+def _chunk_lse_kernel(LOGITS, TARGET, LSE, TARGET_LOGIT, vocab, BLOCK: tl.constexpr):
+    """One row: log-sum-exp of the fp32-upcast logits (online max) and the target's logit."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * vocab
+    cols = tl.arange(0, BLOCK)
+    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        x = tl.load(base + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, x)
+        # lanes still at -inf (no column yet) add nothing: exp(-inf - -inf) would be NaN
+        scale = tl.where(run_max == new_max, 1.0, tl.exp(run_max - new_max))
+        run_sum = run_sum * scale + tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max))
+        run_max = new_max
+    row_max = tl.max(run_max, axis=0)
+    total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
+    tl.store(LSE + row, row_max + tl.log(total))
+    tl.store(TARGET_LOGIT + row, tl.load(base + tl.load(TARGET + row)).to(tl.float32))
+
+
+@triton.jit
+def _chunk_grad_kernel(LOGITS, TARGET, LSE, COEF, ONE_HOT, vocab, BLOCK: tl.constexpr):
+    """One row, in place: logits -> (softmax - one-hot) * loss gradient, in the logits' dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * vocab
+    cols = tl.arange(0, BLOCK)
+    lse, coef = tl.load(LSE + row), tl.load(COEF + row)
+    target, hot = tl.load(TARGET + row), tl.load(ONE_HOT + row)
+    for start in range(0, vocab, BLOCK):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - tl.where(idx == target, hot, 0.0)) * coef
+        tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=idx < vocab)
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    return logits.is_cuda
+
+
+def _chunk_lse(logits: torch.Tensor, target: torch.Tensor):
+    """(log-sum-exp, target logit) of each row, fp32, of logits in the weight's dtype."""
+    n, vocab = logits.shape
+    if _fused(logits):
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        target_logit = torch.empty_like(lse)
+        _chunk_lse_kernel[(n,)](logits, target, lse, target_logit, vocab, BLOCK=1024, num_warps=4)
+        return lse, target_logit
+    logits = logits.float()
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    # log-sum-exp in place (torch.logsumexp would allocate another chunk of logits)
+    chunk_max = logits.max(dim=-1).values
+    return chunk_max + logits.sub_(chunk_max[:, None]).exp_().sum(dim=-1).log_(), target_logit
+
+
+def _chunk_grad(logits: torch.Tensor, target, lse, coef, one_hot) -> torch.Tensor:
+    """``(softmax - one_hot) * coef`` per row, in the logits' dtype (autograd casts Megatron's
+    fp32 gradient back to it the same way)."""
+    if _fused(logits):
+        _chunk_grad_kernel[(logits.shape[0],)](logits, target, lse, coef, one_hot, logits.shape[1],
+                                               BLOCK=1024, num_warps=4)
+        return logits
+    probs = logits.float().sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary
+    probs.scatter_add_(1, target[:, None], -one_hot[:, None])
+    return probs.mul_(coef[:, None]).to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -77,12 +146,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         target_logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            logits = _chunk_logits(hidden[start:end], weight)
-            target_logit[start:end] = logits.gather(1, local_target[start:end, None]).squeeze(1)
-            # log-sum-exp in place (torch.logsumexp would allocate another chunk of logits)
-            chunk_max = logits.max(dim=-1).values
-            lse[start:end] = chunk_max + logits.sub_(chunk_max[:, None]).exp_().sum(dim=-1).log_()
-            del logits
+            lse[start:end], target_logit[start:end] = _chunk_lse(
+                torch.matmul(hidden[start:end], weight.t()), local_target[start:end])
         target_logit.masked_fill_(~on_rank, 0.0)
 
         if tp_size > 1:  # combine the ranks' vocabulary slices
@@ -110,12 +175,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         one_hot = on_rank.float()
         for start in range(0, n, ctx.chunk):
             end = min(start + ctx.chunk, n)
-            probs = _chunk_logits(hidden[start:end], weight)
-            probs.sub_(lse[start:end, None]).exp_()  # softmax over the whole vocabulary
-            probs.scatter_add_(1, local_target[start:end, None], -one_hot[start:end, None])
-            probs.mul_(grad_loss[start:end, None])
-            grad_logits = probs.to(weight.dtype)  # as autograd casts Megatron's fp32 grad back
-            del probs
+            grad_logits = _chunk_grad(torch.matmul(hidden[start:end], weight.t()),
+                                      local_target[start:end], lse[start:end],
+                                      grad_loss[start:end], one_hot[start:end])
             if want_hidden:
                 grad_hidden[start:end] = torch.matmul(grad_logits, weight)
             if want_weight:

@@ -89,6 +89,29 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_chunk_kernels_equal_the_torch_ops(megatron_cpu, monkeypatch, dtype):
+    """The CUDA path's two Triton kernels (run by Triton's interpreter here) give the loss and
+    gradients of the torch ops they replace, with a vocabulary of several kernel blocks and a
+    ragged tail, chunks of uneven size, and a target in the last column."""
+    from megatron_longgen.models import linear_cross_entropy as lce
+
+    hidden, weight, target, grad_loss = problem(n=23, v=2051, dtype=dtype)
+    target[0] = 2050
+    op = lambda h, w, t: _LinearCrossEntropy.apply(h, w, t, None, 10)  # noqa: E731
+    ref = loss_and_grads(op, hidden, weight, target, grad_loss)
+    exact = loss_and_grads(op, hidden.double(), weight.double(), target, grad_loss.double())
+    monkeypatch.setattr(lce, "_fused", lambda logits: True)
+    got = loss_and_grads(op, hidden, weight, target, grad_loss)
+    for name, a, b, e in zip(("loss", "grad hidden", "grad weight"), got, ref, exact):
+        assert a.dtype == b.dtype, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        else:  # bf16 results: one rounding of the largest value, as the torch ops' own error
+            error = float((a.double() - e).abs().max() / e.abs().max())
+            assert error < 2 ** -7, (name, error)
+
+
 def test_op_never_holds_the_sequence_logits(megatron_cpu):
     n, h, v, chunk = 512, 32, 1024, 16
     hidden, weight, target, grad_loss = problem(n, h, v)
