@@ -337,7 +337,8 @@ def main(argv=None) -> List[dict]:
                         help="models on their best settings (default: all; the sweep: "
                              "hybrid attn_sink and full)")
     parser.add_argument("--baseline-models", nargs="*", default=["hybrid attn_sink"],
-                        choices=list(MODELS), help="models also run as the baseline")
+                        choices=list(MODELS),
+                        help="models also run as the baseline (the flag alone: none)")
     parser.add_argument("--num-layers", type=int, default=6, help="Llama-2-7B-shaped layers")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--recompute", default="full",

@@ -79,6 +79,14 @@ def worst_grad_diff(got: dict, ref: dict) -> tuple:
     return diffs[name], name
 
 
+def three_runs(shape: List[str], window: int) -> tuple:
+    """(fast, reference, reference with half the window), all from the reference's weights."""
+    ref = one_step(reference_flags(shape, window))
+    fast = one_step(fast_flags(shape, window), ref["init"])
+    narrow = one_step(reference_flags(shape, window // 2), ref["init"])
+    return fast, ref, narrow
+
+
 def check_equal_and_discriminating(fast, ref, narrow, loss_rtol, norm_rtol, grad_rtol):
     assert fast["loss"] == pytest.approx(ref["loss"], rel=loss_rtol)
     assert fast["grad_norm"] == pytest.approx(ref["grad_norm"], rel=norm_rtol)
@@ -96,10 +104,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(scope="module")
 def gpu_runs():
-    ref = one_step(reference_flags(GPU_SHAPE, 1024))
-    fast = one_step(fast_flags(GPU_SHAPE, 1024), ref["init"])
-    narrow = one_step(reference_flags(GPU_SHAPE, 512), ref["init"])
-    return fast, ref, narrow
+    return three_runs(GPU_SHAPE, 1024)
 
 
 @gpu
@@ -121,10 +126,7 @@ def test_fast_step_equals_reference_step_bf16(gpu_runs):
 
 @pytest.fixture(scope="module")
 def cpu_runs():
-    ref = one_step(reference_flags(CPU_SHAPE, 32))
-    fast = one_step(fast_flags(CPU_SHAPE, 32), ref["init"])
-    narrow = one_step(reference_flags(CPU_SHAPE, 16), ref["init"])
-    return fast, ref, narrow
+    return three_runs(CPU_SHAPE, 32)
 
 
 def test_fast_step_equals_reference_step_fp32_cpu(cpu_runs):
