@@ -122,6 +122,9 @@ class Layout:
     sequence_parallel: bool = True
     distributed_optimizer: bool = True
     recompute: str = "full"  # "none", "selective" (core attention) or "full" (every layer)
+    # With "full": None recomputes every layer (--recompute-method uniform); N only the first N
+    # layers of each pipeline chunk (--recompute-method block --recompute-num-layers N).
+    recompute_num_layers: Optional[int] = None
     micro_batch_size: int = 1
     num_microbatches: int = 32
     # None: Megatron's loss on the whole sequence's logits; else the chunked linear
@@ -143,7 +146,8 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     distributed optimizer. Activations follow Korthikanti et al. (2022) for this layer
     (RMSNorm, GQA attention, SwiGLU), with a fused attention kernel that keeps no s x s
     scores: so "selective" recompute (of core attention) saves about nothing over "none",
-    and "full" keeps one layer input per layer plus one layer's activations being recomputed.
+    and "full" keeps one layer input per recomputed layer (all, or ``recompute_num_layers``
+    per chunk), every activation of the others, plus one layer's being recomputed.
     The first stage holds min(PP, micro-batches) micro-batches in flight, times
     (1 + (PP-1)/(PP*VPP)) with an interleaved schedule. The last stage's logits take 6 bytes
     per token and vocabulary entry on a TP rank (bf16, and the fp32 copy the loss works on):
@@ -154,6 +158,10 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     """
     if layout.recompute not in ("none", "selective", "full"):
         raise UsageError("recompute must be none, selective or full")
+    if layout.recompute_num_layers is not None and (
+            layout.recompute != "full" or layout.recompute_num_layers < 1):
+        raise UsageError("recompute_num_layers (--recompute-num-layers with --recompute-method "
+                         "block) needs recompute 'full' and at least 1 layer")
     tp, pp, cp = layout.tp, layout.pp, layout.cp
     vpp = layout.vpp or 1
     h, f = shape.hidden_size, shape.ffn_hidden_size
@@ -170,7 +178,10 @@ def estimate_memory(shape: ModelPreset, layout: Layout, seq_length: int,
     per_layer = 2 * tokens * (4 * h / sp + (2 * h + 2 * shape.kv_width) / tp + 3 * f / tp)
     in_flight = min(pp, layout.num_microbatches) * (1 + (pp - 1) / (pp * vpp) if vpp > 1 else 1)
     if layout.recompute == "full":
-        activations = layers * in_flight * 2 * tokens * h / sp + per_layer
+        recomputed = layers if layout.recompute_num_layers is None else (
+            min(layout.recompute_num_layers, layers // vpp) * vpp)
+        kept = in_flight * (recomputed * 2 * tokens * h / sp + (layers - recomputed) * per_layer)
+        activations = kept + (per_layer if recomputed else 0)
     else:
         activations = layers * in_flight * per_layer
     # Last stage: bf16 logits plus the fp32 copy the cross-entropy works on, vocab split by TP.

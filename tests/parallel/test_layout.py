@@ -97,3 +97,20 @@ def test_memory_scales_as_the_layout_says():
     assert base["weights"] == pytest.approx(2 * (20 * shape.params_per_layer + 32000 * 8192 + 8192) / 8 / 2 ** 30)
     with pytest.raises(ValueError, match="recompute"):
         estimate_memory(shape, Layout(recompute="some"), SEQ)
+
+
+def test_partial_recompute_lies_between_full_and_none():
+    """--recompute-method block --recompute-num-layers N: N layers per chunk keep only their
+    input, the others every activation (the 7B plan of docs/training.md, TP 8 x DP 4)."""
+    shape = get_preset("llama2-7b")
+    plan = dict(tp=8, dp=4, recompute="full")
+    full = estimate_memory(shape, Layout(**plan), SEQ)["activations"]
+    none = estimate_memory(shape, Layout(**{**plan, "recompute": "none"}), SEQ)["activations"]
+    half = estimate_memory(shape, Layout(**plan, recompute_num_layers=16), SEQ)["activations"]
+    assert estimate_memory(shape, Layout(**plan, recompute_num_layers=32), SEQ)["activations"] == full
+    kept = 2 * SEQ * (4 * 4096 / 8 + (4 * 4096) / 8 + 3 * 11008 / 8)  # one layer's, TP 8 + SP
+    layer_input = 2 * SEQ * 4096 / 8
+    assert half == pytest.approx((16 * layer_input + 16 * kept + kept) / 2 ** 30)
+    assert full < half < none
+    with pytest.raises(ValueError, match="recompute_num_layers"):
+        estimate_memory(shape, Layout(recompute="selective", recompute_num_layers=2), SEQ)
