@@ -1,7 +1,7 @@
 """Megatron-Core layer specs of the hybrid LongGen stack.
 
-Every layer is a Llama layer built from Megatron-Core's local modules; only the core
-attention is ours. ``LongGenCoreAttention`` reads its layer number to act full or sparse, so
+Every layer is a Llama layer built from Megatron-Core's local modules; the core attention
+is ours, and the RMSNorm and MLP are thin subclasses that can run fused Triton kernels. ``LongGenCoreAttention`` reads its layer number to act full or sparse, so
 the per-layer list below only has to be sliced per pipeline stage.
 """
 
@@ -12,7 +12,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_longgen.attention.core_attention import LongGenCoreAttention
+from megatron_longgen.models.mlp import LongGenMLP
 from megatron_longgen.models.norm import RMSNorm
 
 
@@ -49,7 +50,7 @@ def longgen_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=LongGenMLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
