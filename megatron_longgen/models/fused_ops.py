@@ -133,11 +133,10 @@ def _rotate(xa, xb, cos_a, sin_a, cos_b, sin_b, INVERSE: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(T, FREQS, OUT, n_tokens, batch, n_heads, stride_ts, stride_tb, stride_th,
-                 stride_fs, stride_fb, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 INVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """BLOCK_T tokens (token n of [s, b] is s = n // batch, b = n % batch), all heads: t
-    [s, b, h, d] (any strides, unit over d) -> contiguous OUT."""
+def _rope_tokens(FREQS, n_tokens, batch, stride_fs, stride_fb, HEAD_DIM: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's BLOCK_T tokens of [s, b] (token n is s = n // batch, b = n % batch), the
+    live mask, the pairs' indices and the cos / sin of their angles."""
     tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     live = (tok < n_tokens)[:, None]
     s, b = tok // batch, tok % batch
@@ -145,7 +144,16 @@ def _rope_kernel(T, FREQS, OUT, n_tokens, batch, n_heads, stride_ts, stride_tb, 
     f = FREQS + s[:, None] * stride_fs + b[:, None] * stride_fb
     ang_a = tl.load(f + a[None, :], mask=live, other=0.0)
     ang_b = tl.load(f + bb[None, :], mask=live, other=0.0)
-    cos_a, sin_a, cos_b, sin_b = tl.cos(ang_a), tl.sin(ang_a), tl.cos(ang_b), tl.sin(ang_b)
+    return tok, live, s, b, a, bb, tl.cos(ang_a), tl.sin(ang_a), tl.cos(ang_b), tl.sin(ang_b)
+
+
+@triton.jit
+def _rope_kernel(T, FREQS, OUT, n_tokens, batch, n_heads, stride_ts, stride_tb, stride_th,
+                 stride_fs, stride_fb, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 INVERSE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """BLOCK_T tokens, all heads: t [s, b, h, d] (any strides, unit over d) -> contiguous OUT."""
+    tok, live, s, b, a, bb, cos_a, sin_a, cos_b, sin_b = _rope_tokens(
+        FREQS, n_tokens, batch, stride_fs, stride_fb, HEAD_DIM, INTERLEAVED, BLOCK_T)
     src = T + s[:, None] * stride_ts + b[:, None] * stride_tb
     dst = OUT + tok[:, None] * (n_heads * HEAD_DIM)
     for h in range(n_heads):
@@ -251,16 +259,9 @@ def _qkv_rope_kernel(
 ):
     """One program: BLOCK_T tokens x one query group ([PER_GROUP query heads, k, v] rows of
     Megatron's fused layout). Token t of the [s, b] input is (s = t // batch, b = t % batch)."""
-    pid_t, group = tl.program_id(0), tl.program_id(1)
-    n_groups = tl.num_programs(1)
-    tok = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    m = (tok < n_tokens)[:, None]
-    s, b = tok // batch, tok % batch
-    a, bb = _rope_pairs(HEAD_DIM, INTERLEAVED)
-    f = FREQS + s[:, None] * stride_fs + b[:, None] * stride_fb
-    ang_a = tl.load(f + a[None, :], mask=m, other=0.0)
-    ang_b = tl.load(f + bb[None, :], mask=m, other=0.0)
-    cos_a, sin_a, cos_b, sin_b = tl.cos(ang_a), tl.sin(ang_a), tl.cos(ang_b), tl.sin(ang_b)
+    group, n_groups = tl.program_id(1), tl.num_programs(1)
+    tok, m, s, b, a, bb, cos_a, sin_a, cos_b, sin_b = _rope_tokens(
+        FREQS, n_tokens, batch, stride_fs, stride_fb, HEAD_DIM, INTERLEAVED, BLOCK_T)
     row = QKV + tok[:, None] * (n_groups * (PER_GROUP + 2) * HEAD_DIM) \
         + group * (PER_GROUP + 2) * HEAD_DIM
     for r in tl.static_range(PER_GROUP + 2):
