@@ -73,31 +73,32 @@ def _dw_programs(x: torch.Tensor, rows: int) -> int:
 
 
 class RMSNormFunction(torch.autograd.Function):
+    # Outputs and gradients are allocated whole (no views of 2-D buffers), so that callers
+    # may modify them in place as they may torch's.
     @staticmethod
     def forward(ctx, x, weight, eps):
+        x = x.contiguous()
         n = x.shape[-1]
-        x2 = x.contiguous().view(-1, n)
-        y = torch.empty_like(x2)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n)
-        _rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, n, eps, BLOCK=block,
-                                             num_warps=_norm_warps(n))
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
-        return y.view(x.shape)
+        rows = x.numel() // n
+        y = torch.empty_like(x)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        _rms_norm_fwd_kernel[(rows,)](x, weight, y, rstd, n, eps, BLOCK=triton.next_power_of_2(n),
+                                      num_warps=_norm_warps(n))
+        ctx.save_for_backward(x, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        rows, n = x2.shape
-        dy2 = dy.contiguous().view(rows, n)
-        dx = torch.empty_like(x2)
-        programs = _dw_programs(x2, rows)
-        dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x2.device)
-        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, rows, n,
+        x, weight, rstd = ctx.saved_tensors
+        n = x.shape[-1]
+        rows = x.numel() // n
+        dx = torch.empty_like(x)
+        programs = _dw_programs(x, rows)
+        dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)
+        _rms_norm_bwd_kernel[(programs,)](dy.contiguous(), x, weight, rstd, dx, dw_partial, rows, n,
                                           triton.cdiv(rows, programs),
                                           BLOCK=triton.next_power_of_2(n), num_warps=_norm_warps(n))
-        return dx.view(ctx.x_shape), dw_partial.sum(0).to(weight.dtype), None
+        return dx, dw_partial.sum(0).to(weight.dtype), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
@@ -346,23 +347,23 @@ _SWIGLU_BLOCK = 1024
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        two_f = x.shape[-1]
-        x2 = x.contiguous().view(-1, two_f)
-        y = x2.new_empty(x2.shape[0], two_f // 2)
-        grid = (x2.shape[0], triton.cdiv(two_f // 2, _SWIGLU_BLOCK))
-        _swiglu_fwd_kernel[grid](x2, y, two_f // 2, BLOCK=_SWIGLU_BLOCK)
-        ctx.save_for_backward(x2)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], two_f // 2)
+        x = x.contiguous()
+        n = x.shape[-1] // 2
+        rows = x.numel() // (2 * n)
+        y = x.new_empty(*x.shape[:-1], n)
+        _swiglu_fwd_kernel[(rows, triton.cdiv(n, _SWIGLU_BLOCK))](x, y, n, BLOCK=_SWIGLU_BLOCK)
+        ctx.save_for_backward(x)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x2,) = ctx.saved_tensors
-        n = x2.shape[1] // 2
-        dx = torch.empty_like(x2)
-        grid = (x2.shape[0], triton.cdiv(n, _SWIGLU_BLOCK))
-        _swiglu_bwd_kernel[grid](dy.contiguous().view(-1, n), x2, dx, n, BLOCK=_SWIGLU_BLOCK)
-        return dx.view(ctx.x_shape)
+        (x,) = ctx.saved_tensors
+        n = x.shape[-1] // 2
+        rows = x.numel() // (2 * n)
+        dx = torch.empty_like(x)
+        _swiglu_bwd_kernel[(rows, triton.cdiv(n, _SWIGLU_BLOCK))](dy.contiguous(), x, dx, n,
+                                                                  BLOCK=_SWIGLU_BLOCK)
+        return dx
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

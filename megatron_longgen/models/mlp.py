@@ -22,12 +22,15 @@ def plain_swiglu(mlp) -> bool:
             and getattr(c, "glu_linear_offset", 0.0) == 0.0)
 
 
+def uses_triton_swiglu(config) -> bool:
+    """The config asks for our fused SwiGLU (``--bias-swiglu-fusion --swiglu-fusion-impl triton``)."""
+    return bool(config.bias_activation_fusion) and getattr(config, "swiglu_fusion_impl", None) == "triton"
+
+
 class LongGenMLP(MLP):
     def __init__(self, config, submodules, *args, **kwargs):
         super().__init__(config, submodules, *args, **kwargs)
-        self.triton_swiglu = (config.bias_activation_fusion
-                              and getattr(config, "swiglu_fusion_impl", "native") == "triton"
-                              and plain_swiglu(self))
+        self.triton_swiglu = uses_triton_swiglu(config) and plain_swiglu(self)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not self.triton_swiglu or per_token_scale is not None:

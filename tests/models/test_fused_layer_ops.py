@@ -141,6 +141,8 @@ def test_mlp_with_triton_swiglu_equals_megatrons_mlp_on_cpu(megatron_cpu):
     from megatron_longgen.models.presets import longgen_config
     from megatron_longgen.models.specs import longgen_layer_spec
 
+    assert longgen_layer_spec().submodules.mlp.module is MLP  # Megatron's own unless asked
+    assert longgen_layer_spec(triton_swiglu=True).submodules.mlp.module is LongGenMLP
     submodules = longgen_layer_spec().submodules.mlp.submodules
     plain = MLP(longgen_config("tiny", use_cpu_initialization=True), submodules)
     fused = LongGenMLP(longgen_config("tiny", use_cpu_initialization=True, bias_activation_fusion=True),
