@@ -151,3 +151,19 @@ def test_mlp_with_triton_swiglu_equals_megatrons_mlp_on_cpu(megatron_cpu):
     fused.load_state_dict(plain.state_dict())
     h = torch.randn(5, 2, plain.config.hidden_size)
     torch.testing.assert_close(fused(h)[0], plain(h)[0])
+
+
+def test_layer_ops_benchmark_checks_catch_a_wrong_candidate():
+    """The benchmark's float64 check (run before any timing) passes our kernels and Megatron's
+    unfused ops and fails a candidate that computes something else."""
+    from benchmarks import layer_ops as bench
+
+    for name in ("rms_norm", "rope", "swiglu"):
+        op = bench.OPS[name]
+        candidates = op.candidates()
+        for cand in ("ours", "torch" if name == "rms_norm" else "megatron"):
+            assert bench.check(op, candidates[cand], 3, "cpu", torch.float32) < 1e-5, (name, cand)
+    def wrong(leaves, ctx):  # gate and up swapped
+        return fused_ops.swiglu(torch.cat(torch.chunk(leaves[0], 2, dim=-1)[::-1], dim=-1))
+
+    assert bench.check(bench.OPS["swiglu"], wrong, 3, "cpu", torch.float32) > 1e-2
