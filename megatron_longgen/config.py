@@ -29,6 +29,8 @@ ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "flex", "triton", "fa4")
 # TransformerConfig.cross_entropy_fusion_impl: Megatron's two, and "linear" (Megatron-LM's name
 # for output layer + loss in one op), which LongGenGPTModel implements in chunks.
 CROSS_ENTROPY_FUSION_IMPLS = ("native", "te", "linear")
+# Which fused SwiGLU bias_activation_fusion runs: Megatron's bias_swiglu_impl or our kernel.
+SWIGLU_FUSION_IMPLS = ("native", "triton")
 
 
 def full_attention_layer_indices(
@@ -151,7 +153,19 @@ class LongGenConfig(TransformerConfig, LongGenFields):
     The loss's logits then take at most 1.5x this (the bf16 product beside its fp32 copy),
     whatever the sequence length."""
 
+    rms_norm_fusion: bool = False
+    """RMSNorm of CUDA inputs as the one-pass Triton kernels of ``models/fused_ops.py``
+    (forward and backward); CPU inputs run torch.nn.RMSNorm regardless."""
+
+    swiglu_fusion_impl: str = "triton"
+    """With ``bias_activation_fusion``: ``triton``, the one-pass kernel of
+    ``models/fused_ops.py``, or ``native``, Megatron's ``bias_swiglu_impl`` (torch.compile)."""
+
     def __post_init__(self):
+        if self.apply_rope_fusion:  # TransformerConfig checks that a fused RoPE is installed
+            from megatron_longgen.models.fused_ops import install_fused_rope
+
+            install_fused_rope()
         super().__post_init__()
         self._validate_longgen()
 
@@ -214,6 +228,9 @@ class LongGenConfig(TransformerConfig, LongGenFields):
         if self.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
             fail(f"cross_entropy_fusion_impl must be one of {CROSS_ENTROPY_FUSION_IMPLS}, "
                  f"got {self.cross_entropy_fusion_impl!r}")
+        if self.swiglu_fusion_impl not in SWIGLU_FUSION_IMPLS:
+            fail(f"swiglu_fusion_impl must be one of {SWIGLU_FUSION_IMPLS}, "
+                 f"got {self.swiglu_fusion_impl!r}")
         if self.linear_cross_entropy_chunk_mb <= 0:
             fail(f"linear_cross_entropy_chunk_mb must be > 0, got {self.linear_cross_entropy_chunk_mb}")
         if self.uses_linear_cross_entropy and self.mtp_num_layers:

@@ -1,7 +1,8 @@
 """Megatron-Core layer specs of the hybrid LongGen stack.
 
-Every layer is a Llama layer built from Megatron-Core's local modules; only the core
-attention is ours. ``LongGenCoreAttention`` reads its layer number to act full or sparse, so
+Every layer is a Llama layer built from Megatron-Core's local modules; the core attention
+is ours, the RMSNorm a thin subclass that can run a fused Triton kernel, and so is the MLP
+when the config asks for our fused SwiGLU. ``LongGenCoreAttention`` reads its layer number to act full or sparse, so
 the per-layer list below only has to be sliced per pipeline stage.
 """
 
@@ -24,12 +25,16 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_longgen.attention.core_attention import LongGenCoreAttention
+from megatron_longgen.models.mlp import LongGenMLP, uses_triton_swiglu
 from megatron_longgen.models.norm import RMSNorm
 
 
-def longgen_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+def longgen_layer_spec(qk_layernorm: bool = False, triton_swiglu: bool = False) -> ModuleSpec:
     """One Llama layer (RMSNorm, RoPE attention with GQA, SwiGLU MLP) with LongGen attention;
-    ``qk_layernorm``: per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+    ``qk_layernorm``: per-head RMSNorm on queries and keys before RoPE (Qwen3);
+    ``triton_swiglu``: the MLP is ``LongGenMLP`` (our fused SwiGLU), else Megatron's own.
+    (Megatron's TransformerLayer logs "Unknown MLP type" for a subclass and builds it with
+    the default tensor-parallel group, the one it would pass.)"""
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -49,7 +54,7 @@ def longgen_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=LongGenMLP if triton_swiglu else MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
@@ -64,4 +69,5 @@ def longgen_block_spec(
     """Per-layer specs of the layers this pipeline stage (and virtual stage) builds."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[longgen_layer_spec(config.qk_layernorm) for _ in range(num_layers)], layer_norm=RMSNorm)
+        layer_specs=[longgen_layer_spec(config.qk_layernorm, uses_triton_swiglu(config))
+                     for _ in range(num_layers)], layer_norm=RMSNorm)

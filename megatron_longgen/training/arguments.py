@@ -21,6 +21,7 @@ from megatron_longgen.config import (
     CROSS_ENTROPY_FUSION_IMPLS,
     PLACEMENTS,
     SPARSE_PATTERNS,
+    SWIGLU_FUSION_IMPLS,
     LongGenConfig,
     VERT_STRIDE_RULES,
     LongGenFields,
@@ -64,6 +65,12 @@ class TrainConfig:
     cross_entropy_loss_fusion: Optional[bool] = None
     cross_entropy_fusion_impl: Optional[str] = None
     linear_cross_entropy_chunk_mb: Optional[float] = None
+    # fused layer ops (None: on for CUDA, off on CPU)
+    rms_norm_fusion: Optional[bool] = None
+    rope_fusion: Optional[bool] = None
+    bias_swiglu_fusion: Optional[bool] = None
+    swiglu_fusion_impl: Optional[str] = None
+    bias_dropout_fusion: Optional[bool] = None
     # data
     data_path: List[str] = field(default_factory=list)
     mock_data: bool = False
@@ -163,6 +170,9 @@ class TrainConfig:
                  f"length ({decay_iters} iterations: --lr-decay-iters or --train-iters)")
         if self.recompute_granularity not in (None, "full", "selective"):
             fail("--recompute-granularity must be full or selective")
+        if self.swiglu_fusion_impl and self.bias_swiglu_fusion is False:
+            fail(f"--swiglu-fusion-impl {self.swiglu_fusion_impl} takes effect only with "
+                 "--bias-swiglu-fusion; drop --no-bias-swiglu-fusion (or the impl)")
         if self.cross_entropy_fusion_impl and not self.cross_entropy_loss_fusion:
             fail(f"--cross-entropy-fusion-impl {self.cross_entropy_fusion_impl} takes effect only "
                  "with --cross-entropy-loss-fusion; add it (or drop the impl)")
@@ -204,7 +214,7 @@ MODEL_FIELDS = (
     "full_attention_placement", "full_attention_ratio", "core_attention_backend",
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "linear_cross_entropy_chunk_mb",
-    "kv_channels", "layernorm_epsilon", *ARCHITECTURE_FIELDS,
+    "swiglu_fusion_impl", "kv_channels", "layernorm_epsilon", *ARCHITECTURE_FIELDS,
 )
 
 # One line per flag for --help; the default is appended by the parser.
@@ -295,6 +305,22 @@ HELP: Dict[str, str] = {
                                  "TransformerEngine's; linear: output layer and loss in "
                                  "chunks of tokens, never the whole sequence's logits",
     "linear_cross_entropy_chunk_mb": "linear: MiB of fp32 logits per chunk of tokens and TP rank",
+    "rms_norm_fusion": "RMSNorm as one Triton kernel each way on CUDA",
+    "rope_fusion": "fused RoPE through Megatron's apply_rope_fusion: TransformerEngine's when "
+                   "installed, else our Triton kernel",
+    "bias_swiglu_fusion": "fused SwiGLU (Megatron's bias_activation_fusion), of "
+                          "--swiglu-fusion-impl",
+    "swiglu_fusion_impl": "triton: one Triton kernel each way; native: Megatron's "
+                          "bias_swiglu_impl (torch.compile)",
+    "bias_dropout_fusion": "Megatron's fused bias-dropout-add of the residuals (torch.compile)",
+}
+
+# Fused layer ops: TrainConfig flag -> the LongGenConfig / TransformerConfig field it sets.
+FUSION_FLAGS = {
+    "rms_norm_fusion": "rms_norm_fusion",
+    "rope_fusion": "apply_rope_fusion",
+    "bias_swiglu_fusion": "bias_activation_fusion",
+    "bias_dropout_fusion": "bias_dropout_fusion",
 }
 
 
@@ -302,10 +328,12 @@ def _default_text(f: dataclasses.Field) -> str:
     """The default --help shows. Model settings left unset come from the checkpoint under
     --load, else from the preset (shape) or LongGenConfig (the LongGen fields)."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.name in FUSION_FLAGS:
+        return "on for CUDA, off on CPU"
     if default is not None or f.name not in MODEL_FIELDS + ("vocab_size",):
         return str(default)
-    if f.name == "core_attention_backend":  # how to run, not what the model is
-        return LongGenConfig.core_attention_backend
+    if f.name in ("core_attention_backend", "swiglu_fusion_impl"):  # how to run, not what the model is
+        return getattr(LongGenConfig, f.name)
     longgen = {g.name for g in dataclasses.fields(LongGenFields)} | {"rotary_base", *ARCHITECTURE_FIELDS}
     fallback = getattr(LongGenConfig, f.name) if f.name in longgen else None
     if fallback is None:
@@ -323,6 +351,7 @@ _CHOICES = {
     "recompute_method": ("uniform", "block"),
     "lr_decay_style": ("cosine", "linear", "constant"),
     "cross_entropy_fusion_impl": CROSS_ENTROPY_FUSION_IMPLS,
+    "swiglu_fusion_impl": SWIGLU_FUSION_IMPLS,
 }
 
 def _flag(name: str) -> str:

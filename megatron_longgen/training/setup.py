@@ -19,7 +19,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_longgen.config import LongGenConfig
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import get_preset, longgen_config
-from megatron_longgen.training.arguments import MODEL_FIELDS, TrainConfig
+from megatron_longgen.training.arguments import FUSION_FLAGS, MODEL_FIELDS, TrainConfig
 
 
 def initialize_for(train: TrainConfig) -> None:
@@ -44,6 +44,9 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, multiple
 
 def model_config_from(train: TrainConfig) -> LongGenConfig:
     overrides = {k: getattr(train, k) for k in MODEL_FIELDS if getattr(train, k) is not None}
+    on_cuda = torch.device(train.device).type == "cuda"  # fused layer ops: on for CUDA by default
+    fusions = {field: on_cuda if getattr(train, flag) is None else getattr(train, flag)
+               for flag, field in FUSION_FLAGS.items()}
     dtype = torch.bfloat16 if train.bf16 else torch.float32
     return longgen_config(
         train.model,
@@ -62,6 +65,7 @@ def model_config_from(train: TrainConfig) -> LongGenConfig:
         use_cpu_initialization=torch.device(train.device).type == "cpu",
         # Batched P2P on gloo (CPU) silently garbles interleaved-pipeline (VPP) activations.
         batch_p2p_comm=torch.device(train.device).type != "cpu",
+        **fusions,
         **overrides,
     )
 
