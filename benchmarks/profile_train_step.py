@@ -3,8 +3,8 @@
     python benchmarks/profile_train_step.py                          # AttnSink hybrid, 128K
     python benchmarks/profile_train_step.py --variant full --seq-length 65536
 
-Same configuration as ``benchmarks/train_step.py`` (Llama-2-7B-shaped layers, bf16, full
-recompute, mock data, the real trainer). Two steps warm the kernels; the third is profiled.
+Same configuration as a row of ``benchmarks/train_step.py`` (Llama-2-7B-shaped layers, bf16,
+full recompute, mock data, the chunked loss, the real trainer). Two steps warm the kernels; the third is profiled.
 Prints the kernel time of each kind (matrix products, attention, norms, RoPE, elementwise,
 optimizer, ...) and the slowest kernels next to the step's wall time.
 """
@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.profile_inference import kernel_table  # noqa: E402
-from benchmarks.train_step import VARIANTS, step_flags  # noqa: E402
+from benchmarks.train_step import MODELS, Case, trainer_flags  # noqa: E402
 from megatron_longgen.training.arguments import parse_args  # noqa: E402
 from megatron_longgen.training.trainer import Trainer  # noqa: E402
 
@@ -30,16 +30,16 @@ from megatron_longgen.training.trainer import Trainer  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-length", type=int, default=131072, help="tokens per sequence")
-    p.add_argument("--variant", default="hybrid attn_sink", choices=list(VARIANTS), help="model to profile")
+    p.add_argument("--variant", default="hybrid attn_sink", choices=list(MODELS), help="model to profile")
     p.add_argument("--num-layers", type=int, default=6, help="Llama-2-7B-shaped layers (1/3 full in a hybrid)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (loss: chunked linear cross-entropy)")
-    p.add_argument("--backend", default="auto", help="--core-attention-backend of the trainer")
+    p.add_argument("--unfused", action="store_true", help="the layer ops unfused (Megatron's torch ops)")
     p.add_argument("--top", type=int, default=25, help="rows of the slowest-kernel and op tables")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further trainer flags, appended as given (e.g. --extra --no-rope-fusion)")
     args = p.parse_args(argv)
-    flags = step_flags(args.seq_length, args.variant, args.num_layers, args.vocab_size, 3,
-                       args.backend, linear_cross_entropy=True) + list(args.extra)
+    case = Case(args.seq_length, args.variant, args.vocab_size, fused_layer_ops=not args.unfused)
+    flags = trainer_flags(case, args.num_layers, iters=3) + list(args.extra)
     trainer = Trainer(parse_args(flags))
     it = trainer._iterators(trainer.train_ds, 0)
     for chunk in trainer.model:

@@ -59,8 +59,8 @@ RECOMPUTE = {
 }
 LINEAR_CROSS_ENTROPY = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
 # The fused layer ops are on by default on CUDA; these turn each one off (Megatron's names).
-# TODO(lead): align with the fused-layer-ops flags once that branch is in (a norm flag?).
-UNFUSED_LAYER_OPS = ["--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"]
+UNFUSED_LAYER_OPS = ["--no-rms-norm-fusion", "--no-rope-fusion", "--no-bias-swiglu-fusion",
+                     "--no-bias-dropout-fusion"]
 # flash-attn-4's import name: a baseline process hides it, so ``auto`` picks as without it.
 FA4_MODULE = "flash_attn"
 

@@ -224,7 +224,8 @@ def test_trainer_refuses_an_impl_without_the_fusion():
 def test_train_step_benchmark_selects_the_loss(linear):
     from benchmarks import train_step as bench
 
-    flags = bench.step_flags(131072, "hybrid attn_sink", 6, 32000, 3, linear_cross_entropy=linear)
+    case = bench.Case(131072, "hybrid attn_sink", 32000, linear_cross_entropy=linear)
+    flags = bench.trainer_flags(case, num_layers=6, iters=3)
     cfg = model_config_from(parse_args(flags))
     assert cfg.uses_linear_cross_entropy == linear and cfg.bf16
 
