@@ -137,7 +137,9 @@ def _swiglu_candidates():
         "megatron": _glu,
         "torch.compile": _compiled(_glu),
         "megatron-fused": lambda leaves, ctx: bias_swiglu_impl(leaves[0], None),
-        "liger": liger and (lambda leaves, ctx: liger.apply(leaves[0])),
+        # Liger's gradient is [tokens, 2F]: give it the 2-D view of Megatron's [s, b, 2F]
+        "liger": liger and (lambda leaves, ctx: liger.apply(leaves[0].flatten(0, -2)).view(
+            *leaves[0].shape[:-1], -1)),
         "ours": lambda leaves, ctx: fused_ops.swiglu(leaves[0]),
     }
 
@@ -252,7 +254,13 @@ def run(args) -> List[dict]:
                 print(f"{name} {cand}: not installed", flush=True)
                 rows.append(row)
                 continue
-            row["max_rel_error"] = check(op, fn, args.check_tokens, device, dtype)
+            try:
+                row["max_rel_error"] = check(op, fn, args.check_tokens, device, dtype)
+            except Exception as err:  # a candidate that does not run here is a row, not the end
+                row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+                print(f"{name} {cand}: {row['error']}", flush=True)
+                rows.append(row)
+                continue
             if row["max_rel_error"] > args.tolerance:
                 row["failed_check"] = True
             else:
@@ -269,6 +277,8 @@ def run(args) -> List[dict]:
     for r in rows:
         if r.get("missing"):
             print(f"| {r['op']} | {r['candidate']} | not installed | | | | |")
+        elif r.get("error"):
+            print(f"| {r['op']} | {r['candidate']} | did not run: {r['error'][:60]} | | | | |")
         elif r.get("failed_check"):
             print(f"| {r['op']} | {r['candidate']} | check failed | | | | {r['max_rel_error']:.1e} |")
         else:
