@@ -1,18 +1,16 @@
 """The Triton chunk path of context parallelism (``attend`` / ``attend_backward`` forced to the
 ``triton`` chunk backend, run by Triton's interpreter on CPU) equals the exact reference on
-real CP chunk pairs: ring diagonal and off-diagonal pairs, and the sparse exchange's compact
-key layout from a real plan; both patterns, GQA, heterogeneous BlockSparse heads, packed
-documents. Also: the compact layout holds exactly the keys the plan promises, and the tile
-states the kernels skip by are conservative."""
-
-from dataclasses import dataclass
-from typing import Optional, Tuple
+real CP chunk pairs (cp_pairs.py): ring diagonal and off-diagonal pairs, and the sparse
+exchange's compact key layout from a real plan; both patterns, GQA, heterogeneous BlockSparse
+heads, packed documents. Also: the compact layout holds exactly the keys the plan promises,
+and the tile states the kernels skip by are conservative."""
 
 import pytest
 import torch
 
+from cp_pairs import DOCS, PAIRS, SEQ, SINK, block_sparse, pair_args, pair_tensors
 from megatron_longgen.attention.backends import CHUNK_BACKEND_ENV
-from megatron_longgen.attention.patterns import EMPTY, FULL, AttnSinkPattern, BlockSparsePattern, CausalPattern
+from megatron_longgen.attention.patterns import EMPTY, FULL, BlockSparsePattern, CausalPattern
 from megatron_longgen.parallel.cp import compute
 from megatron_longgen.parallel.cp.exchange import compact_keys
 from megatron_longgen.parallel.cp.layout import local_positions
@@ -20,75 +18,6 @@ from megatron_longgen.parallel.cp.plan import exchange_plan, needed_keys, query_
 
 pytest.importorskip("triton")
 from megatron_longgen.parallel.cp.triton_chunk import tile_states  # noqa: E402
-
-SEQ = 384
-DOCS = (0, 40, 330, 384)  # a document across chunks 1..6 of CP 4, edges inside chunks
-HEAD_DIM = 16
-SCALE = HEAD_DIM ** -0.5
-SINK = AttnSinkPattern(4, 40)
-
-
-def _bs(num_heads, groups, homo=False):
-    return BlockSparsePattern(block_size=16, local_blocks=2, vert_stride=3, homo_head=homo,
-                              num_heads=num_heads, num_query_groups=groups)
-
-
-@dataclass(frozen=True)
-class Pair:
-    name: str
-    pattern: object
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor  # [sk] or [hkv, sk]
-    heads: Tuple[int, ...] = (0, 1, 2, 3)
-    kv_heads: int = 2
-    docs: Optional[Tuple[int, ...]] = None
-    whole: bool = False  # the pair holds every key its queries read (exchange): final LSE = its own
-
-
-def _chunk(i, c):
-    return torch.arange(i * c, (i + 1) * c)
-
-
-def _ring(name, q_chunk, k_chunk, docs=None):
-    c = SEQ // 8  # CP 4: rank 1 holds chunks 1 and 6
-    return Pair(name, CausalPattern(), _chunk(q_chunk, c), _chunk(k_chunk, c), docs=docs)
-
-
-def _exchange(name, pattern, cp, rank, heads=(0, 1, 2, 3), kv_heads=(0, 1), docs=None):
-    plan = exchange_plan(pattern, SEQ, cp, rank, kv_heads, docs)
-    q_pos = local_positions(rank, cp, SEQ)
-    _, key_pos = compact_keys(plan, q_pos)
-    return Pair(name, pattern, q_pos, key_pos, heads, len(kv_heads), docs, whole=True)
-
-
-PAIRS = [
-    _ring("ring_diagonal", 6, 6),
-    _ring("ring_off_diagonal", 6, 1),
-    _ring("ring_diagonal_packed", 6, 6, DOCS),
-    _ring("ring_off_diagonal_packed", 6, 1, DOCS),
-    _exchange("exchange_sink_gqa", SINK, 4, 1),
-    _exchange("exchange_sink_packed", SINK, 2, 1, docs=DOCS),
-    _exchange("exchange_block_homo", _bs(4, 2, homo=True), 4, 2),
-    # Heterogeneous heads: the second TP rank's 4 of 8 heads (KV groups 2, 3 of 4).
-    _exchange("exchange_block_hetero_tp_slice", _bs(8, 4), 4, 2, heads=(4, 5, 6, 7), kv_heads=(2, 3)),
-    _exchange("exchange_block_hetero_packed", _bs(4, 2), 2, 0, docs=DOCS),
-]
-
-
-def _tensors(pair: Pair, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    hq, sq, sk = len(pair.heads), len(pair.q_pos), pair.k_pos.shape[-1]
-    q = torch.randn(1, hq, sq, HEAD_DIM, generator=g)
-    k = torch.randn(1, pair.kv_heads, sk, HEAD_DIM, generator=g)
-    v = torch.randn(1, pair.kv_heads, sk, HEAD_DIM, generator=g)
-    dout = torch.randn(1, hq, sq, HEAD_DIM, generator=g)
-    other_lse = torch.randn(1, hq, sq, generator=g)  # the softmax mass of other pairs' keys
-    return q, k, v, dout, other_lse
-
-
-def _args(pair: Pair):
-    cu = torch.tensor(pair.docs) if pair.docs else None
-    return pair.q_pos, pair.k_pos, pair.pattern, torch.tensor(pair.heads), SCALE, cu
 
 
 def _close(a, b, tol=2e-5):
@@ -104,8 +33,8 @@ def triton_path(monkeypatch):
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.name for p in PAIRS])
 def test_kernel_path_equals_reference(pair, triton_path):
-    q, k, v, dout, other_lse = _tensors(pair, seed=len(pair.name))
-    args = _args(pair)
+    q, k, v, dout, other_lse = pair_tensors(pair, seed=len(pair.name))
+    args = pair_args(pair)
     out, lse = compute.attend(q, k, v, *args)
     ref_out, ref_lse = compute._reference_forward(q, k, v, *args)
     assert out.dtype == torch.float32
@@ -125,7 +54,7 @@ def test_kernel_path_equals_reference(pair, triton_path):
 
 def test_compact_layout_holds_exactly_the_planned_keys():
     """Per KV head: sorted, local keys plus every key the plan says its queries read."""
-    pattern, cp, rank, kv_heads = _bs(8, 4), 4, 2, (2, 3)
+    pattern, cp, rank, kv_heads = block_sparse(8, 4), 4, 2, (2, 3)
     plan = exchange_plan(pattern, SEQ, cp, rank, kv_heads, DOCS)
     q_pos = local_positions(rank, cp, SEQ)
     index, key_pos = compact_keys(plan, q_pos)
@@ -139,7 +68,7 @@ def test_compact_layout_holds_exactly_the_planned_keys():
         assert int(local.sum()) == len(q_pos)  # local rows are this head's own
 
 
-@pytest.mark.parametrize("pattern", [CausalPattern(), SINK, _bs(4, 2)], ids=["causal", "sink", "block"])
+@pytest.mark.parametrize("pattern", [CausalPattern(), SINK, block_sparse(4, 2)], ids=["causal", "sink", "block"])
 @pytest.mark.parametrize("docs", [None, DOCS], ids=["plain", "packed"])
 def test_tile_states_are_conservative(pattern, docs):
     """EMPTY tiles hold no allowed pair and FULL tiles only allowed ones (random sorted key
