@@ -132,7 +132,7 @@ def plan_bytes(pattern, seq_len, cp, rank, kv_heads, head_dim, element_size):
 
 def predict(is_ring: bool, cp: int, times, comm_fwd: float, comm_bwd: float):
     """Seconds of the layer with communication at the assumed bandwidth (see module doc)."""
-    fwd, bwd = times["fwd"], times["fwd_bwd"] - times["fwd"]
+    fwd, bwd = times["fwd"], max(0.0, times["fwd_bwd"] - times["fwd"])
     if is_ring:
         hidden = (cp - 1) / cp
         exposed = max(0.0, comm_fwd - fwd * hidden) + max(0.0, comm_bwd - bwd * hidden)
