@@ -28,7 +28,7 @@ def _rel(got, ref):
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.name for p in PAIRS])
 def test_bf16_kernels_match_float64_reference(pair):
-    assert chunk_backend(torch.device("cuda"), torch.bfloat16).name == "triton"
+    assert chunk_backend(torch.device("cuda"), torch.bfloat16, HEAD_DIM).name == "triton"
     q, k, v, dout, other_lse = pair_tensors(pair, seed=len(pair.name), head_dim=HEAD_DIM,
                                             device="cuda", dtype=torch.bfloat16)
     args = pair_args(pair, HEAD_DIM, "cuda")

@@ -43,7 +43,7 @@ def pair_mask(pattern: Pattern, q_pos: torch.Tensor, k_pos: torch.Tensor, heads:
 def attend(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [b, hq, sq, d], k/v [b, hkv, sk, d] -> out [b, hq, sq, d] in float32 (float64 for
     float64 inputs), natural lse [b, hq, sq] (-inf where no key is allowed; output 0)."""
-    return chunk_backend(q.device, q.dtype).forward(q, k, v, q_pos, k_pos, pattern, heads, scale,
+    return chunk_backend(q.device, q.dtype, q.shape[-1]).forward(q, k, v, q_pos, k_pos, pattern, heads, scale,
                                                     cu_seqlens)
 
 
@@ -54,7 +54,7 @@ def attend_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens, ls
     output, so p = exp(s - lse) is this pair's slice of the full softmax. Returns dq (to add to
     the chunk's dq) and dk, dv (to add to the key chunk's), all in float32 (or float64).
     """
-    return chunk_backend(q.device, q.dtype).backward(q, k, v, q_pos, k_pos, pattern, heads, scale,
+    return chunk_backend(q.device, q.dtype, q.shape[-1]).backward(q, k, v, q_pos, k_pos, pattern, heads, scale,
                                                      cu_seqlens, lse, dout, delta)
 
 
@@ -88,7 +88,7 @@ def _reference_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens
 
 
 register_chunk_backend(ChunkBackend("reference", _reference_forward, _reference_backward,
-                                    lambda device, dtype: True))
+                                    lambda device, dtype, head_dim: True))
 
 
 def _register_triton() -> None:
@@ -96,12 +96,12 @@ def _register_triton() -> None:
         import triton  # noqa: F401
 
         from megatron_longgen.attention.triton_kernels.kernels import INTERPRET
-        from megatron_longgen.parallel.cp.triton_chunk import chunk_backward, chunk_forward
+        from megatron_longgen.parallel.cp.triton_chunk import HEAD_DIMS, chunk_backward, chunk_forward
     except ImportError:
         return
 
-    def supports(device: torch.device, dtype: torch.dtype) -> bool:
-        return (dtype in (torch.bfloat16, torch.float16, torch.float32)
+    def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+        return (dtype in (torch.bfloat16, torch.float16, torch.float32) and head_dim in HEAD_DIMS
                 and (device.type == "cuda" or INTERPRET))
 
     register_chunk_backend(ChunkBackend("triton", chunk_forward, chunk_backward, supports))

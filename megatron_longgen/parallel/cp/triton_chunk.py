@@ -36,6 +36,7 @@ from megatron_longgen.parallel.cp.compute import NO_KEY
 from megatron_longgen.parallel.cp.layout import doc_relative
 
 LOG2E = math.log2(math.e)
+HEAD_DIMS = (16, 32, 64, 128)
 assert NO_KEY == chunk_kernels.NO_KEY, "the kernels' padding position must match compute.NO_KEY"
 
 
@@ -148,8 +149,8 @@ class _Chunk:
         hkv, sk = k.shape[1], k.shape[2]
         if hq % hkv:
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-        if d not in (16, 32, 64, 128):
-            raise ValueError(f"head dim {d} is not supported by the chunk kernels (16, 32, 64 or 128)")
+        if d not in HEAD_DIMS:
+            raise ValueError(f"head dim {d} is not supported by the chunk kernels {HEAD_DIMS}")
         if cu_seqlens is not None and b != 1:
             raise ValueError("packed documents (cu_seqlens) need batch size 1")
         device = q.device
