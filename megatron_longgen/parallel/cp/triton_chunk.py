@@ -92,8 +92,9 @@ def _bounds(pos: torch.Tensor, block: int, cu: Optional[torch.Tensor]) -> _Bound
     if cu is None:
         zero = torch.zeros_like(lo)
         return _Bounds(lo, hi, zero, zero, zero, valid.any(-1), valid.all(-1))
-    doc_lo, rel_lo = doc_relative(lo.clamp(max=int(cu[-1]) - 1), cu)
-    doc_hi, _ = doc_relative((hi - 1).clamp(min=0, max=int(cu[-1]) - 1), cu)
+    last = cu[-1] - 1  # a tensor: no host sync
+    doc_lo, rel_lo = doc_relative(torch.minimum(lo, last), cu)
+    doc_hi, _ = doc_relative(torch.minimum((hi - 1).clamp(min=0), last), cu)
     return _Bounds(lo, hi, doc_lo, doc_hi, lo - rel_lo, valid.any(-1), valid.all(-1))
 
 
@@ -165,19 +166,19 @@ class _Chunk:
             raise ValueError(f"key positions {tuple(k_pos.shape)} do not fit keys {tuple(k.shape)}")
         self.cu = cu_seqlens.to(device=device, dtype=torch.long) if cu_seqlens is not None else None
         self.kpos_stride = sk if k_pos.shape[0] > 1 else 0
-        heads = torch.as_tensor(heads, dtype=torch.long).cpu()
+        heads = torch.as_tensor(heads).to(device=device, dtype=torch.long)  # no host sync
         offsets = (pattern.head_offsets(heads) if isinstance(pattern, BlockSparsePattern)
-                   else torch.zeros(hq, dtype=torch.long))
-        self.head_off = offsets.to(device=device, dtype=torch.int32)
+                   else torch.zeros(hq, dtype=torch.long, device=device))
+        self.head_off = offsets.to(torch.int32)
         # Tile lists per KV head when keys or the pattern differ per head, else one set.
         self.per_head = k_pos.shape[0] > 1 or pattern.head_dependent
         rows = hkv if self.per_head else 1
-        self.list_offsets = offsets[::self.group][:rows].to(device)
+        self.list_offsets = offsets[::self.group][:rows]
         self.q_pos_l, self.k_pos_l = q_pos, k_pos
         self.q_pos, self.k_pos = q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
         if self.cu is not None:
             self.q_start = (q_pos - doc_relative(q_pos, self.cu)[1]).to(torch.int32)
-            k_start = k_pos - doc_relative(k_pos.clamp(max=int(self.cu[-1]) - 1), self.cu)[1]
+            k_start = k_pos - doc_relative(torch.minimum(k_pos, self.cu[-1] - 1), self.cu)[1]
             self.k_start = torch.where(k_pos < NO_KEY, k_start, -1).to(torch.int32).contiguous()
         else:
             self.q_start, self.k_start = self.q_pos, self.k_pos  # unused
