@@ -52,7 +52,6 @@ from megatron_longgen.utils.cli import fail, run_main  # noqa: E402
 
 LAYOUTS = ((131072, 8), (262144, 16), (524288, 32), (1048576, 64))
 HEADS = 32
-BASE_LEN, BASE_CP = 131072, 8
 TINY_LAYOUTS = ((128, 2), (256, 4))
 
 
