@@ -129,6 +129,21 @@ def plan_bytes(pattern, seq_len, cp, rank, kv_heads, head_dim, element_size):
     return plan.bytes_sent(1, head_dim, element_size), plan.bytes_received(1, head_dim, element_size)
 
 
+def pair_count(pattern, seq_len: int, heads: int) -> int:
+    """Allowed (query, key) pairs over [0, L) summed over heads: ``allowed_pair_count``, with
+    BlockSparse in closed form per query block (the patterns module builds a blocks x blocks
+    matrix per head, minutes at 1M)."""
+    if not isinstance(pattern, BlockSparsePattern) or seq_len % pattern.block_size:
+        return allowed_pair_count(pattern, seq_len, torch.arange(heads), heads)
+    bs, local = pattern.block_size, pattern.local_blocks
+    qb = torch.arange(seq_len // bs)
+    offsets = pattern.head_offsets(torch.arange(heads))
+    # The diagonal block (causal inside), the other local blocks, the vertical blocks before them.
+    vertical = pattern.vertical_index((qb[None] - local + 1).clamp(min=0), offsets[:, None])
+    blocks = qb.clamp(max=local - 1)[None] + vertical
+    return int(bs * (bs + 1) // 2 * len(qb) * heads + bs * bs * blocks.sum())
+
+
 def predict(is_ring: bool, cp: int, times, comm_fwd: float, comm_bwd: float):
     """Seconds of the layer with communication at the assumed bandwidth (see module doc)."""
     fwd, bwd = times["fwd"], max(0.0, times["fwd_bwd"] - times["fwd"])
@@ -156,7 +171,7 @@ def simulate(args, device, dtype):
         times, peak, _, _ = time_fwd_bwd(fn, shapes, dtype, device, args.iters)
         baselines[name] = {"backend": backend.name, "seq_len": base_len, "fwd_bwd_ms": times["fwd_bwd"] * 1e3,
                            "peak_gib": peak / 2 ** 30}
-        base_pairs = allowed_pair_count(pattern, base_len, torch.arange(heads), heads)
+        base_pairs = pair_count(pattern, base_len, heads)
         for seq_len, cp in layouts:
             c2 = seq_len // cp
             with FakeGroup(cp, args.rank) as group:
@@ -175,7 +190,7 @@ def simulate(args, device, dtype):
             comm_fwd = max(sent, received) / bw
             comm_bwd = (bwd_bytes if is_ring else max(sent, received)) / bw
             predicted, exposed = predict(is_ring, cp, times, comm_fwd, comm_bwd)
-            pairs = allowed_pair_count(pattern, seq_len, torch.arange(heads), heads)
+            pairs = pair_count(pattern, seq_len, heads)
             ideal = baselines[name]["fwd_bwd_ms"] * pairs / base_pairs / cp
             records.append({
                 "pattern": name, "seq_len": seq_len, "cp": cp, "rank": args.rank,

@@ -40,3 +40,12 @@ def test_bytes_match_the_calculator_and_prediction_adds_communication(result):
             assert 0 < r["fwd_bytes_sent"] < ring
         assert r["predicted_ms"] >= r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0  # CPU timings are noisy
         assert r["predicted_ms"] == pytest.approx(r["fwd_bwd_ms"] + r["exposed_comm_ms"])
+
+
+def test_pair_count_closed_form_equals_the_patterns_count():
+    from megatron_longgen.attention.patterns import BlockSparsePattern, allowed_pair_count
+
+    for pattern in [BlockSparsePattern(16, 2, 4, False, 4, 2), BlockSparsePattern(4, 3, 3, True, 4, 2),
+                    BlockSparsePattern(16, 2, 8, False, 6, 3, "legacy")]:
+        heads = pattern.num_heads
+        assert cp_sim.pair_count(pattern, 512, heads) == allowed_pair_count(pattern, 512, range(heads), heads)
