@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -178,6 +179,54 @@ class _NoGradLSE(torch.autograd.Function):
 register_backend(Backend("reference", reference_attention, lambda pattern, device: True))
 register_backend(Backend(
     "sdpa", sdpa_attention, lambda pattern, device: isinstance(pattern, CausalPattern)))
+
+
+# ---- context parallelism's chunk kernels (parallel/cp/compute.py's attend / attend_backward)
+
+
+@dataclass(frozen=True)
+class ChunkBackend:
+    """Attention of one CP chunk pair with keys at explicit global positions.
+
+    ``forward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens)`` -> (out float32, lse
+    natural); ``backward(..., cu_seqlens, lse, dout, delta)`` -> (dq, dk, dv) float32, given the
+    final merged output's LSE and delta. ``supports(device, dtype, head_dim)``. A kernel that only takes
+    contiguous positions (FA4, SDPA's flash op, for ring steps) plugs in here the same way.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[torch.device, torch.dtype, int], bool]
+
+
+_CHUNK_BACKENDS: Dict[str, ChunkBackend] = {}
+# Forces a chunk backend by name (tests run "triton" on CPU under TRITON_INTERPRET=1).
+CHUNK_BACKEND_ENV = "LONGGEN_CP_CHUNK_BACKEND"
+_CHUNK_AUTO_ORDER = {"cuda": ["triton", "reference"], "cpu": ["reference"]}
+
+
+def register_chunk_backend(backend: ChunkBackend) -> None:
+    _CHUNK_BACKENDS[backend.name] = backend
+
+
+def chunk_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> ChunkBackend:
+    """The chunk backend for queries on ``device`` of ``dtype`` and ``head_dim``:
+    $LONGGEN_CP_CHUNK_BACKEND if set, else the first of the device's order that supports them."""
+    device = torch.device(device)
+    forced = os.environ.get(CHUNK_BACKEND_ENV)
+    if forced:
+        backend = _CHUNK_BACKENDS.get(forced)
+        if backend is None or not backend.supports(device, dtype, head_dim):
+            fail(f"{CHUNK_BACKEND_ENV}={forced}: no such context-parallel chunk backend for "
+                 f"{dtype}, head dim {head_dim} on {device.type}; have {tuple(_CHUNK_BACKENDS)}, "
+                 f"or unset it")
+        return backend
+    for name in _CHUNK_AUTO_ORDER.get(device.type, ["reference"]):
+        backend = _CHUNK_BACKENDS.get(name)
+        if backend is not None and backend.supports(device, dtype, head_dim):
+            return backend
+    raise RuntimeError(f"no context-parallel chunk backend for {dtype}, head dim {head_dim} on {device}")
 
 
 def _cuda_only(pattern, device) -> bool:

@@ -3,7 +3,9 @@
 One all-to-all-v moves exactly the K/V rows the static plan lists (per KV head, token exact);
 its backward is the reverse all-to-all with the gradients accumulated (index_add) into the
 rows they came from, since one token may serve several ranks. The local queries then attend
-to local plus received keys at their true global positions.
+to a compact key layout: per KV head, its local and received rows sorted by global position
+(rows padded to the longest head with ``NO_KEY`` slots), with a per-row position vector, so
+nothing of the global length (or chunk x chunk) is built.
 """
 
 from __future__ import annotations
@@ -14,18 +16,37 @@ import torch
 
 from megatron_longgen.attention.patterns import Pattern
 from megatron_longgen.parallel.cp.comm import all_to_all_rows
-from megatron_longgen.parallel.cp.compute import attend
+from megatron_longgen.parallel.cp.compute import NO_KEY, chunk_attention
 from megatron_longgen.parallel.cp.plan import ExchangePlan
+
+
+def compact_keys(plan: ExchangePlan, q_pos: torch.Tensor):
+    """Per KV head, the sorted key rows it may read: ``index`` [hkv, S] into the rows
+    ``cat(local [hkv * 2c], received [M])`` and their global positions ``key_pos`` [hkv, S]
+    (``NO_KEY`` past a head's end, whose index is 0)."""
+    hkv, c2, width = plan.num_kv_heads, len(q_pos), max(len(plan.extra_pos), 1)
+    recv = plan.recv_slot
+    head = torch.cat([torch.arange(hkv).repeat_interleave(c2), recv // width])
+    pos = torch.cat([q_pos.repeat(hkv), plan.extra_pos[recv % width]])
+    src = torch.arange(len(head))  # local rows first (h * 2c + i), then received ones
+    order = torch.argsort(head * plan.seq_len + pos)
+    head, pos, src = head[order], pos[order], src[order]
+    counts = torch.bincount(head, minlength=hkv)
+    column = torch.arange(len(head)) - (counts.cumsum(0) - counts)[head]
+    index = torch.zeros(hkv, int(counts.max()), dtype=torch.long)
+    key_pos = torch.full(index.shape, NO_KEY, dtype=torch.long)
+    index[head, column], key_pos[head, column] = src, pos
+    return index, key_pos
 
 
 class DevicePlan:
     """A rank's ExchangePlan as index tensors on the compute device."""
 
-    def __init__(self, plan: ExchangePlan, device: torch.device):
+    def __init__(self, plan: ExchangePlan, q_pos: torch.Tensor, device: torch.device):
         self.send_splits, self.recv_splits = list(plan.send_splits), list(plan.recv_splits)
         self.send_index = plan.send_index.to(device)
-        self.recv_slot = plan.recv_slot.to(device)
-        self.extra_pos = plan.extra_pos.to(device)
+        index, key_pos = compact_keys(plan, q_pos.cpu())
+        self.key_index, self.key_pos = index.flatten().to(device), key_pos.to(device)
 
 
 class ExchangeKV(torch.autograd.Function):
@@ -54,15 +75,9 @@ def exchange_attention(q, k, v, q_pos: torch.Tensor, dplan: DevicePlan, group, l
                        pattern: Pattern, heads: torch.Tensor, scale: float,
                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's tokens) -> out [b, hq, 2c, d]."""
-    b, hkv, _, d = k.shape
+    b, hkv, c2, d = k.shape
     recv = ExchangeKV.apply(k, v, dplan, group, layer)
-    extra = len(dplan.extra_pos)
-    # Rows land at (head, column); columns a head did not receive stay zero and are masked,
-    # because the plan sent every key any local query of that head may read.
-    table = recv.new_zeros(hkv * extra, b, 2, d).index_copy(0, dplan.recv_slot, recv)
-    table = table.view(hkv, extra, b, 2, d).permute(2, 0, 1, 3, 4)
-    k_all = torch.cat([k, table[..., 0, :]], dim=2)
-    v_all = torch.cat([v, table[..., 1, :]], dim=2)
-    k_pos = torch.cat([q_pos, dplan.extra_pos])
-    out, _ = attend(q, k_all, v_all, q_pos, k_pos, pattern, heads, scale, cu_seqlens)
-    return out
+    rows = torch.cat([torch.stack([k, v], dim=3).reshape(b, hkv * c2, 2, d), recv.permute(1, 0, 2, 3)], 1)
+    keys = rows.index_select(1, dplan.key_index).view(b, hkv, -1, 2, d)
+    return chunk_attention(q, keys[..., 0, :], keys[..., 1, :], q_pos, dplan.key_pos, pattern,
+                           heads, scale, cu_seqlens)
