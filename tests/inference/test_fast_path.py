@@ -1,12 +1,13 @@
 """The fast inference path (whole-prompt prefill with the training backends, split-K decode
-kernel under the Triton interpreter) against the exact pure-torch path: same logits at every
-step, same greedy tokens, same cache contents."""
+kernel and the fused decode kernels under the Triton interpreter) against the exact pure-torch
+path: same logits at every step, same greedy tokens, same cache contents."""
 
 import pytest
 import torch
 
 from megatron_longgen.attention import backends
 from megatron_longgen.attention.triton_kernels import sparse_attention
+from megatron_longgen.inference import decode_ops
 from megatron_longgen.inference.engine import InferenceEngine
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import longgen_config
@@ -56,6 +57,9 @@ def test_fast_path_equals_exact_path(megatron_cpu, monkeypatch, case, backend):
     assert fast.fast and not exact.fast
     ref_logits, ref_cache = greedy(exact, prompts, 6)
     logits, cache = greedy(fast, prompts, 6)
+    layers = fast._fast_decoder.step.layers  # the fused decode kernels ran in every layer
+    assert all(e.fused_rope for e in layers) and any(e.full for e in layers)
+    assert all(decode_ops.fusable_mlp(e.layer.mlp, len(prompts)) for e in layers)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
     assert_same_cache(cache, ref_cache)
