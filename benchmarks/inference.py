@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_longgen.inference import decode_ops  # noqa: E402
 from megatron_longgen.inference.engine import InferenceEngine  # noqa: E402
 from megatron_longgen.models.gpt import build_longgen_model  # noqa: E402
 from megatron_longgen.models.presets import get_preset, longgen_config  # noqa: E402
@@ -235,6 +236,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     say(f"{name}, torch {torch.__version__}, {'tiny' if args.tiny else 'Llama-2-7B shape'}")
     rows = run(args)
+    for (fc1, shape, _, _), (fused, module) in decode_ops.MLP_TIMINGS.items():
+        say(f"decode MLP fc1 {list(fc1)}, input {list(shape)}: fused gate/up kernel {fused:.1f} us, "
+            f"module {module:.1f} us (the faster runs)")
     print_table(rows)
     return rows
 

@@ -9,17 +9,7 @@ from megatron_longgen.attention.patterns import AttnSinkPattern, BlockSparsePatt
 from megatron_longgen.inference import decode_ops
 from megatron_longgen.inference.kv_cache import LayerCache
 from megatron_longgen.inference.layer_ops import project_qkv
-from test_engine import build
-
-
-@pytest.fixture
-def layer(megatron_cpu):
-    model = build("attn_sink")  # GQA: 4 heads in 2 groups, head dim 16
-    layer = model.decoder.layers[0]
-    with torch.no_grad():  # non-trivial norm weights
-        layer.input_layernorm.weight.uniform_(0.5, 1.5)
-        layer.pre_mlp_layernorm.weight.uniform_(0.5, 1.5)
-    return layer
+from test_fused_ops import layer  # noqa: F401  (a fixture: the tiny model's first layer, GQA)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -76,6 +66,8 @@ WRITE_PATTERNS = {
                                        num_query_groups=GROUPS),
     "block_local1": BlockSparsePattern(4, 1, 2, homo_head=True, num_heads=HEADS,
                                        num_query_groups=GROUPS),
+    "block_cover_stride5": BlockSparsePattern(4, 1, 5, homo_head=False, num_heads=HEADS,
+                                              num_query_groups=GROUPS),
     "block_legacy": BlockSparsePattern(4, 2, 4, homo_head=False, num_heads=HEADS,
                                        num_query_groups=GROUPS, vert_stride_rule="legacy"),
     "causal": CausalPattern(),
@@ -131,3 +123,11 @@ def test_mlp_the_kernel_does_not_reproduce_runs_as_the_module(layer):
             assert torch.equal(decode_ops.mlp(layer.mlp, h)[0], layer.mlp(h)[0])
     finally:
         layer.mlp.config.activation_func_clamp_value = None
+
+
+def test_add_norm_of_a_norm_the_kernel_does_not_reproduce_runs_the_module():
+    ln = torch.nn.LayerNorm(8)
+    x, out = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    with torch.no_grad():
+        got_x, got_h = decode_ops.add_norm(x, out, None, ln)
+        assert torch.equal(got_x, x + out) and torch.equal(got_h, ln(x + out))
