@@ -129,8 +129,9 @@ def measure(engine, vocab: int, batch: int, length: int, steps: int, device) -> 
     sync(device)
     decode_ms = (time.perf_counter() - t0) / steps * 1e3
     by_kind = cache.nbytes_by_kind()
-    result = dict(prefill_s=prefill_s, prefill_cold_s=prefill_cold_s, decode_ms=decode_ms, kv_bytes=cache.nbytes(),
-                  kv_by_kind=by_kind, weight_bytes=weight_bytes_read(engine.model, batch))
+    result = dict(prefill_s=prefill_s, prefill_cold_s=prefill_cold_s, decode_ms=decode_ms,
+                  kv_bytes=cache.nbytes(), kv_by_kind=by_kind,
+                  weight_bytes=weight_bytes_read(engine.model, batch))
     del cache, logits
     engine._fast_decoder = None  # its graph and buffers hold the cache
     return result
@@ -195,7 +196,8 @@ def add_floor(row: dict, bandwidth: float) -> None:
 def print_table(rows) -> None:
     full = {(r["batch"], r["length"]): r for r in rows if r["model"] == "full" and not r.get("oom")}
     print("\n| batch | prompt | model | KV cache (GiB) | KV vs full | prefill (s) | prefill speedup | "
-          "decode (ms/token) | decode speedup | read/step (GB) | floor (ms) | x floor | floor speedup |")
+          "decode (ms/token) | decode speedup | read/step (GB) | floor (ms) | x floor | "
+          "floor speedup |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["batch"], r["length"])):
         head = f"| {r['batch']} | {r['length'] // 1024 if r['length'] >= 1024 else r['length']}" \
@@ -237,8 +239,8 @@ def main(argv=None):
     say(f"{name}, torch {torch.__version__}, {'tiny' if args.tiny else 'Llama-2-7B shape'}")
     rows = run(args)
     for (fc1, shape, _, _), (fused, module) in decode_ops.MLP_TIMINGS.items():
-        say(f"decode MLP fc1 {list(fc1)}, input {list(shape)}: fused gate/up kernel {fused:.1f} us, "
-            f"module {module:.1f} us (the faster runs)")
+        say(f"decode MLP fc1 {list(fc1)}, input {list(shape)}: fused gate/up kernel "
+            f"{fused:.1f} us, module {module:.1f} us (the faster runs)")
     print_table(rows)
     return rows
 

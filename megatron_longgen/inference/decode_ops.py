@@ -32,7 +32,6 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 

@@ -104,7 +104,8 @@ def test_write_token_equals_layer_cache_write(name):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_swiglu_mlp_equals_the_module(layer, rows):
-    h = torch.randn(1, rows, layer.mlp.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, rows, layer.mlp.config.hidden_size, generator=g)
     assert decode_ops.fusable_mlp(layer.mlp, rows)
     with torch.no_grad():
         out, bias = decode_ops.swiglu_mlp(layer.mlp, h)

@@ -21,7 +21,7 @@ PATTERNS = {  # prompts of 150-300 tokens wrap the window ring and cross many bl
                          vert_stride=4, homo_head=False),
 }
 PROMPTS = {1: [300], 4: [300, 151, 97, 233]}
-TOL = 2e-2  # relative norm error of a step's logits, bf16
+TOL = 3e-2  # relative norm error of a step's logits and of the cached K/V, bf16
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,15 @@ def test_fast_decode_equals_exact_decode_in_bf16(megatron_cuda, pattern, batch):
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in PROMPTS[batch]]
     exact = InferenceEngine(model, MAX_LEN, chunk_size=64, attention="exact")
-    fast = InferenceEngine(model, MAX_LEN, chunk_size=64, attention="fast")
+    # Decode is under test: prefill on our Triton kernel, which compiles once for every length
+    # (the attention backends have GPU tests of their own).
+    fast = InferenceEngine(model, MAX_LEN, chunk_size=64, attention="fast",
+                           prefill_backend="triton")
     exact_cache, exact_logits = exact.prefill(prompts)
     fast_cache, fast_logits = fast.prefill(prompts)
     errors = []
     for _ in range(STEPS + 1):
-        errors.append(((fast_logits - exact_logits).norm() / exact_logits.norm()).item())
+        errors.append(rel_err(fast_logits, exact_logits))
         tokens = exact_logits.argmax(-1)  # both paths decode the same tokens
         exact_logits = exact.decode(exact_cache, tokens)
         fast_logits = fast.decode(fast_cache, tokens)
@@ -67,5 +70,12 @@ def test_fast_decode_equals_exact_decode_in_bf16(megatron_cuda, pattern, batch):
     assert all(e.fused_rope for e in decoder.step.layers)
     assert max(errors) < TOL, errors
     assert fast_cache.lengths.tolist() == exact_cache.lengths.tolist()
-    for a, b in zip(fast_cache.layers, exact_cache.layers):
+    for a, b in zip(fast_cache.layers, exact_cache.layers):  # the same tokens in the same slots
         assert torch.equal(a.pos, b.pos), a.kind
+        held = b.pos >= 0
+        for got, want in ((a.k[held], b.k[held]), (a.v[held], b.v[held])):
+            assert rel_err(got, want) < TOL, a.kind
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
