@@ -238,9 +238,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     say(f"{name}, torch {torch.__version__}, {'tiny' if args.tiny else 'Llama-2-7B shape'}")
     rows = run(args)
-    for (fc1, shape, _, _), (fused, module) in decode_ops.MLP_TIMINGS.items():
-        say(f"decode MLP fc1 {list(fc1)}, input {list(shape)}: fused gate/up kernel "
-            f"{fused:.1f} us, module {module:.1f} us (the faster runs)")
+    for (product, weight, shape, _, _), (kernel, module) in decode_ops.GEMV_TIMINGS.items():
+        say(f"decode {product} {list(weight)} x {list(shape)}: gemv kernel {kernel:.1f} us, "
+            f"module {module:.1f} us (the faster runs)")
     print_table(rows)
     return rows
 

@@ -15,14 +15,17 @@ microseconds even when replayed as a CUDA graph. Here each layer runs:
   token where the layout puts it, one program per (sequence, KV head) (any layer kind: full
   layers whose QKV the RoPE kernel cannot take use it too);
 * ``swiglu_mlp``: gate and up projections in one pass over the fused fc1 weight with SwiGLU
-  applied before the store, so the [b, 2F] intermediate never exists; the down projection is
-  the module's. On CUDA ``mlp`` times it once per shape against the module's cuBLAS product
-  and SwiGLU kernel and keeps the faster (``MLP_TIMINGS``);
+  applied before the store, so the [b, 2F] intermediate never exists; then the down
+  projection;
 * ``add_norm``: the residual add fused with the next RMSNorm (the layer's pre-MLP norm, the
   next layer's input norm, or the final norm), writing both the residual and the normed rows.
 
-The QKV, output and down projections stay the model's modules (cuBLAS). ``fusable_*`` says
-where a kernel computes exactly what the module does; the fast path runs the module otherwise.
+The gate/up kernel is ``gemv``, a matrix-vector kernel (batch <= 16 rows padded to one
+tensor-core product) that also serves the QKV, output and down projections (``linear``). On
+CUDA each product is timed once per shape against the module's cuBLAS product (and, for
+gate/up, its SwiGLU kernel) in the eager first step, and the faster runs (``GEMV_TIMINGS``).
+``fusable_*`` says where a kernel computes exactly what the module does (one rank, no bias,
+nothing fused into the linear layer); the fast path runs the module otherwise.
 Every op has fixed shapes and no host synchronisation, so the step stays graph-capturable.
 """
 
@@ -34,6 +37,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron_longgen.inference import fused_ops
 from megatron_longgen.inference.kv_cache import BlockSlots, FullSlots, LayerCache, SinkSlots
@@ -274,7 +278,7 @@ def write_token(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, lengths: torch
         BLOCK_S=16 if INTERPRET else 1024, num_warps=4, **params)
 
 
-# ---- gate + up projection with SwiGLU, one read of the fused fc1 weight ----
+# ---- matrix-vector products: the projections, and gate + up with SwiGLU in one read ----
 
 
 def _gemv_configs():
@@ -285,91 +289,121 @@ def _gemv_configs():
             for w, s in ((4, 4), (8, 3))]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_B"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_B", "SWIGLU"])
 @triton.jit
-def _swiglu_gemv_kernel(
+def _gemv_kernel(
     X, W, Y, B, N, K, stride_xb, stride_wn, stride_yb,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Y[:, n] = silu(X @ W[n]) * (X @ W[N + n]) for a block of n: rows n (gate) and N + n (up)
-    of the fused weight are read once, by one program."""
+    """Y = X @ W[:N].T for a block of N's rows per program; with SWIGLU, Y = silu(X @ W[:N].T)
+    * (X @ W[N:2N].T): the gate row n and the up row N + n of the fused weight are read by
+    the same program, once. B <= BLOCK_B rows of X (padded to one tensor-core product)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_B)
     n_ok, b_ok = offs_n < N, offs_b < B
-    gate = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     up = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-    w_gate = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     w_up = W + (N + offs_n).to(tl.int64)[:, None] * stride_wn
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
                     mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(w_gate + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        wu = tl.load(w_up + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        gate = tl.dot(x, tl.trans(wg), gate, input_precision=DOT_PREC)
-        up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
-    y = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(Y + offs_b[:, None] * stride_yb + offs_n[None, :], y.to(Y.dtype.element_ty),
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        if SWIGLU:
+            wu = tl.load(w_up + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            up = tl.dot(x, tl.trans(wu), up, input_precision=DOT_PREC)
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * up
+    tl.store(Y + offs_b[:, None] * stride_yb + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=b_ok[:, None] & n_ok[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """x [..., K] @ weight[:N].T -> [..., N] for at most ``MAX_BATCH`` rows of x; ``swiglu``:
+    weight is [2N, K] (gate rows, then up rows) and the result silu(gate) * up."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    rows, n = x2.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = x2.new_empty(rows, n)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_kernel[grid](x2, weight, y, rows, n, x2.shape[1], x2.stride(0), weight.stride(0),
+                       y.stride(0), BLOCK_B=max(16, triton.next_power_of_2(rows)),
+                       SWIGLU=swiglu, DOT_PREC=_dot_precision(x.dtype))
+    return y.view(*x.shape[:-1], n)
+
+
+def _plain_weight(linear) -> bool:
+    """A Megatron column/row-parallel linear whose whole product is ``x @ weight.T``: one
+    rank (no reduction or gather), no bias, nothing fused in (e.g. Transformer Engine's norm)."""
+    weight = getattr(linear, "weight", None)
+    return (isinstance(linear, (ColumnParallelLinear, RowParallelLinear))
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(linear, "bias", None) is None
+            and linear.config.tensor_model_parallel_size == 1
+            and not getattr(linear.config, "sequence_parallel", False))
+
+
+def fusable_linear(linear, rows: int) -> bool:
+    return rows <= MAX_BATCH and _plain_weight(linear)
 
 
 def fusable_mlp(mlp, rows: int) -> bool:
     """``fused_ops.fusable_mlp`` (SwiGLU without bias, clamp or offset) with a plain fc1
-    weight read as is (no sequence-parallel gather) and at most ``MAX_BATCH`` rows."""
-    fc1 = mlp.linear_fc1
-    weight = getattr(fc1, "weight", None)
-    return (fused_ops.fusable_mlp(mlp) and rows <= MAX_BATCH and isinstance(weight, torch.Tensor)
-            and weight.dim() == 2 and not getattr(mlp.config, "sequence_parallel", False))
+    weight (``_plain_weight``) and at most ``MAX_BATCH`` rows."""
+    return fused_ops.fusable_mlp(mlp) and fusable_linear(mlp.linear_fc1, rows)
 
 
 def swiglu_mlp(mlp, h: torch.Tensor):
-    """``mlp(h)`` (output, bias) for h [1, b, hidden] of a ``fusable_mlp`` MLP: the fused
-    gate/up kernel, then the module's down projection."""
-    w = mlp.linear_fc1.weight  # [2F, hidden]: gate rows, then up rows (per TP rank)
-    x = h.reshape(-1, h.shape[-1])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if w.stride(-1) != 1:
-        w = w.contiguous()
-    rows, ffn = x.shape[0], w.shape[0] // 2
-    y = x.new_empty(rows, ffn)
-    grid = lambda meta: (triton.cdiv(ffn, meta["BLOCK_N"]),)  # noqa: E731
-    _swiglu_gemv_kernel[grid](x, w, y, rows, ffn, x.shape[1], x.stride(0), w.stride(0),
-                              y.stride(0), BLOCK_B=max(16, triton.next_power_of_2(rows)),
-                              DOT_PREC=_dot_precision(x.dtype))
-    return mlp.linear_fc2(y.view(*h.shape[:-1], ffn))
+    """``mlp(h)`` (output, bias) for h [1, b, hidden] of a ``fusable_mlp`` MLP: gate and up
+    with SwiGLU in one kernel, then the down projection (``linear``)."""
+    return linear(mlp.linear_fc2, gemv(h, mlp.linear_fc1.weight, swiglu=True))
 
 
-# Per (fc1 shape, input shape, dtype, device): (fused kernel us, module us), timed once on CUDA.
-MLP_TIMINGS: Dict[tuple, Tuple[float, float]] = {}
+# Per (product, weight shape, input shape, dtype, device): (kernel us, module us), timed once
+# on CUDA, in the eager first decode step.
+GEMV_TIMINGS: Dict[tuple, Tuple[float, float]] = {}
+
+
+def linear(module, x: torch.Tensor):
+    """``module(x)`` (output, bias) of one decode step's rows: ``gemv`` where it applies and,
+    on CUDA, where it timed faster than the module's cuBLAS product."""
+    if fusable_linear(module, x.numel() // x.shape[-1]) and _kernel_pays(
+            "linear", module.weight, x, lambda: gemv(x, module.weight), lambda: module(x)):
+        return gemv(x, module.weight), None
+    return module(x)
 
 
 def mlp(module, h: torch.Tensor):
-    """The MLP of one decode step: the fused kernel where it applies and, on CUDA, where it
-    timed faster than the module's cuBLAS products (measured once per shape, in the eager
-    first step), else the module."""
-    if fusable_mlp(module, h.numel() // h.shape[-1]) and _fused_mlp_pays(module, h):
+    """The MLP of one decode step: the fused gate/up kernel where it applies and, on CUDA,
+    where it timed faster than the module's product and SwiGLU kernel, else the module."""
+    if fusable_mlp(module, h.numel() // h.shape[-1]) and _kernel_pays(
+            "swiglu", module.linear_fc1.weight, h,  # the same down projection on both sides
+            lambda: module.linear_fc2(gemv(h, module.linear_fc1.weight, swiglu=True)),
+            lambda: fused_ops.swiglu_mlp(module, h)):
         return swiglu_mlp(module, h)
-    return _module_mlp(module, h)
+    if fused_ops.fusable_mlp(module):
+        return fused_ops.swiglu_mlp(module, h)
+    return module(h)
 
 
-def _module_mlp(module, h):
-    return fused_ops.swiglu_mlp(module, h) if fused_ops.fusable_mlp(module) else module(h)
-
-
-def _fused_mlp_pays(module, h: torch.Tensor) -> bool:
-    if h.device.type != "cuda":
+def _kernel_pays(product: str, weight: torch.Tensor, x: torch.Tensor, kernel, module) -> bool:
+    if x.device.type != "cuda":
         return True  # the interpreter: nothing to time
-    key = (tuple(module.linear_fc1.weight.shape), tuple(h.shape), h.dtype, h.device)
-    if key not in MLP_TIMINGS:
+    key = (product, tuple(weight.shape), tuple(x.shape), x.dtype, x.device)
+    if key not in GEMV_TIMINGS:
         if torch.cuda.is_current_stream_capturing():
-            return True  # not timed outside a capture: keep the kernel
-        MLP_TIMINGS[key] = (_cuda_us(lambda: swiglu_mlp(module, h)),
-                            _cuda_us(lambda: _module_mlp(module, h)))
-    fused_us, module_us = MLP_TIMINGS[key]
-    return fused_us <= module_us
+            return True  # timed outside a capture only: keep the kernel
+        GEMV_TIMINGS[key] = (_cuda_us(kernel), _cuda_us(module))
+    kernel_us, module_us = GEMV_TIMINGS[key]
+    return kernel_us <= module_us
 
 
 def _cuda_us(fn, reps: int = 20) -> float:

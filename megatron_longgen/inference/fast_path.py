@@ -158,7 +158,8 @@ class DecodeStep:
         h = norm(engine.layers[0].input_layernorm, x, fused=True)
         for entry in self.layers:
             layer = entry.layer
-            out, bias = layer.self_attention.linear_proj(self._attend(entry, h, pos))
+            out, bias = decode_ops.linear(layer.self_attention.linear_proj,
+                                          self._attend(entry, h, pos))
             x, h = decode_ops.add_norm(x, out, bias, layer.pre_mlp_layernorm)
             out, bias = decode_ops.mlp(layer.mlp, h)
             x, h = decode_ops.add_norm(x, out, bias, entry.next_norm)
@@ -174,7 +175,7 @@ class DecodeStep:
         core = attn.core_attention
         interleaved = engine.config.rotary_interleaved
         if entry.fused_rope:
-            qkv, _ = attn.linear_qkv(h)  # no bias: fusable_rope
+            qkv, _ = decode_ops.linear(attn.linear_qkv, h)  # no bias: fusable_rope
             q, k, v = decode_ops.rope_qkv(attn, qkv, engine.rope, pos, interleaved,
                                           full_cache=lc if entry.full else None)
         else:

@@ -1,6 +1,7 @@
 """The fused decode kernels (``inference/decode_ops.py``, under the Triton interpreter, float32)
 against what they replace: the residual add and the model's RMSNorm, the exact path's QKV
-projection with Megatron's RoPE, ``LayerCache.write`` of one token, and the model's MLP."""
+projection with Megatron's RoPE, ``LayerCache.write`` of one token, the model's MLP and linear
+layers."""
 
 import pytest
 import torch
@@ -108,14 +109,40 @@ def test_swiglu_mlp_equals_the_module(layer, rows):
     h = torch.randn(1, rows, layer.mlp.config.hidden_size, generator=g)
     assert decode_ops.fusable_mlp(layer.mlp, rows)
     with torch.no_grad():
-        out, bias = decode_ops.swiglu_mlp(layer.mlp, h)
+        out, bias = decode_ops.mlp(layer.mlp, h)
         ref, ref_bias = layer.mlp(h)
     assert bias is None and ref_bias is None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_the_kernel_does_not_reproduce_runs_as_the_module(layer):
+@pytest.mark.parametrize("name", ["linear_qkv", "linear_proj"])
+def test_linear_equals_the_module(layer, name):
+    """The matrix-vector kernel on a column- and a row-parallel layer (output widths 128 and
+    64: several and partial tiles of 16 over a 64-wide input in tiles of 32), 5 rows."""
+    module = getattr(layer.self_attention, name)
+    x = torch.randn(1, 5, module.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    assert decode_ops.fusable_linear(module, 5)
+    with torch.no_grad():
+        out, bias = decode_ops.linear(module, x)
+        ref, ref_bias = module(x)
+    assert bias is None and ref_bias is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_of_odd_widths_equals_matmul():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 1, 70, generator=g), torch.randn(2 * 37, 70, generator=g)
+    torch.testing.assert_close(decode_ops.gemv(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    gate, up = (x @ w.T).chunk(2, -1)
+    torch.testing.assert_close(decode_ops.gemv(x, w, swiglu=True),
+                               torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_products_the_kernel_does_not_reproduce_run_as_the_module(layer):
     assert not decode_ops.fusable_mlp(layer.mlp, decode_ops.MAX_BATCH + 1)
+    assert not decode_ops.fusable_linear(layer.mlp.linear_fc2, decode_ops.MAX_BATCH + 1)
+    plain = torch.nn.Linear(64, 64, bias=False)  # not a Megatron linear: may do anything else
+    assert not decode_ops.fusable_linear(plain, 1)
     layer.mlp.config.activation_func_clamp_value = 1.0  # the module clamps; the kernel does not
     try:
         assert not decode_ops.fusable_mlp(layer.mlp, 1)
