@@ -1,8 +1,9 @@
 """Serving cost of the hybrid model vs the same model all-full: KV cache memory, prefill time,
-decode time per token. One process, one GPU, every ratio from one run. Prints a table.
+decode time per token, and decode against its memory-bandwidth floor. One process, one GPU,
+every ratio from one run. Prints a table.
 
-    python benchmarks/inference.py                          # 16K-128K batch 1, 32K batch 4
-    python benchmarks/inference.py --lengths 131072 --batch-lengths
+    python benchmarks/inference.py                          # 128K batch 1, 32K batch 4
+    python benchmarks/inference.py --lengths 16384 32768 65536 131072
     python benchmarks/inference.py --device cpu --tiny --lengths 64 --batch-lengths 48
                                                             # a smoke run on CPU
 
@@ -15,6 +16,13 @@ caches replayed as a CUDA graph. Prefill is timed on the second prompt of a leng
 first also builds the kernels' tile lists; its time is in the JSON as ``prefill_cold_s``).
 KV memory counts K and V (slot positions add 1.6%). The
 all-full model at 128K needs ~80 GB (13.5 GB weights + 64 GB cache): use a 141 GB H200.
+
+The bandwidth model: a decode step must read every weight the model reads for it once (every
+layer's, the norms, the whole output layer, one embedding row per sequence) and every K/V its
+caches hold (``KVCache.nbytes``: a full layer's cache is allocated for the prompt plus the
+generated tokens, the sparse ones hold exactly what they read). Those bytes over the GPU's
+streaming read bandwidth, measured here as a sum over a 4 GiB bf16 tensor (a reduction reads
+only; a copy would also write), are the step's floor; ``x floor`` is the measured time over it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_longgen.inference import decode_ops  # noqa: E402
 from megatron_longgen.inference.engine import InferenceEngine  # noqa: E402
 from megatron_longgen.models.gpt import build_longgen_model  # noqa: E402
 from megatron_longgen.models.presets import get_preset, longgen_config  # noqa: E402
@@ -74,6 +83,30 @@ def build(args, variant: str, max_length: int):
     return model, vocab
 
 
+def read_bandwidth(device, gib: float = 4.0, reps: int = 20) -> float:
+    """Streaming read bandwidth in bytes/s: the best of ``reps`` sums over ``gib`` GiB of bf16."""
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    best = float("inf")
+    for i in range(reps + 2):  # the first two warm up
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best
+
+
+def weight_bytes_read(model, batch: int) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except the input
+    embedding, of which it reads one row per sequence (a tied output layer reads it whole)."""
+    embedding = model.embedding.word_embeddings.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.share_embeddings_and_output_weights:
+        total -= (embedding.shape[0] - batch) * embedding.shape[1] * embedding.element_size()
+    return total
+
+
 def measure(engine, vocab: int, batch: int, length: int, steps: int, device) -> dict:
     """Prefill ``batch`` random prompts of ``length`` tokens, then decode ``steps`` tokens."""
     prompts = torch.randint(0, vocab, (batch, length), device=device)
@@ -96,8 +129,9 @@ def measure(engine, vocab: int, batch: int, length: int, steps: int, device) -> 
     sync(device)
     decode_ms = (time.perf_counter() - t0) / steps * 1e3
     by_kind = cache.nbytes_by_kind()
-    result = dict(prefill_s=prefill_s, prefill_cold_s=prefill_cold_s, decode_ms=decode_ms, kv_bytes=cache.nbytes(),
-                  kv_by_kind=by_kind)
+    result = dict(prefill_s=prefill_s, prefill_cold_s=prefill_cold_s, decode_ms=decode_ms,
+                  kv_bytes=cache.nbytes(), kv_by_kind=by_kind,
+                  weight_bytes=weight_bytes_read(engine.model, batch))
     del cache, logits
     engine._fast_decoder = None  # its graph and buffers hold the cache
     return result
@@ -105,6 +139,8 @@ def measure(engine, vocab: int, batch: int, length: int, steps: int, device) -> 
 
 def run(args) -> list:
     device = torch.device(args.device)
+    bandwidth = read_bandwidth(device, gib=4.0 if device.type == "cuda" else 1 / 16)
+    say(f"streaming read bandwidth {bandwidth / 1e12:.3f} TB/s")
     variants = [v for v in (TINY_VARIANTS if args.tiny else VARIANTS) if v in args.variants]
     configs = [(1, n) for n in args.lengths] + [(args.batch, n) for n in args.batch_lengths]
     longest = max(n for _, n in configs) + args.steps + 4
@@ -122,6 +158,8 @@ def run(args) -> list:
             except torch.OutOfMemoryError:
                 r = dict(oom=True)
             r.update(model=variant, batch=batch, length=length)
+            if not r.get("oom"):
+                add_floor(r, bandwidth)
             if device.type == "cuda":
                 r["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
@@ -134,7 +172,9 @@ def run(args) -> list:
                 say(f"{variant} batch {batch} length {length}: out of memory")
             else:
                 say(f"{variant} batch {batch} length {length}: KV {r['kv_bytes'] / 2**30:.3g} GiB, "
-                    f"prefill {r['prefill_s']:.3f} s (first {r['prefill_cold_s']:.3f} s), decode {r['decode_ms']:.2f} ms/token")
+                    f"prefill {r['prefill_s']:.3f} s (first {r['prefill_cold_s']:.3f} s), "
+                    f"decode {r['decode_ms']:.2f} ms/token (floor {r['floor_ms']:.2f} ms, "
+                    f"{r['decode_vs_floor']:.2f}x)")
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
@@ -145,28 +185,40 @@ def run(args) -> list:
     return rows
 
 
+def add_floor(row: dict, bandwidth: float) -> None:
+    """The row's bytes per decode step, their time at ``bandwidth`` and the measured ratio."""
+    row["read_bytes_per_step"] = row["weight_bytes"] + row["kv_bytes"]
+    row["read_bandwidth_gbs"] = bandwidth / 1e9
+    row["floor_ms"] = row["read_bytes_per_step"] / bandwidth * 1e3
+    row["decode_vs_floor"] = row["decode_ms"] / row["floor_ms"]
+
+
 def print_table(rows) -> None:
     full = {(r["batch"], r["length"]): r for r in rows if r["model"] == "full" and not r.get("oom")}
     print("\n| batch | prompt | model | KV cache (GiB) | KV vs full | prefill (s) | prefill speedup | "
-          "decode (ms/token) | decode speedup |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "decode (ms/token) | decode speedup | read/step (GB) | floor (ms) | x floor | "
+          "floor speedup |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["batch"], r["length"])):
         head = f"| {r['batch']} | {r['length'] // 1024 if r['length'] >= 1024 else r['length']}" \
                f"{'K' if r['length'] >= 1024 else ''} | {r['model']} |"
         if r.get("oom"):
-            print(head + " OOM | | | | | |")
+            print(head + " OOM | | | | | | | | | |")
             continue
         base = full.get((r["batch"], r["length"]))
         kv = f"{r['kv_bytes'] / base['kv_bytes']:.0%}" if base else "-"
         prefill = f"{base['prefill_s'] / r['prefill_s']:.2f}x" if base else "-"
         decode = f"{base['decode_ms'] / r['decode_ms']:.2f}x" if base else "-"
+        floor = f"{base['floor_ms'] / r['floor_ms']:.2f}x" if base else "-"
         print(f"{head} {r['kv_bytes'] / 2**30:.3g} | {kv} | {r['prefill_s']:.3f} | {prefill} | "
-              f"{r['decode_ms']:.2f} | {decode} |")
+              f"{r['decode_ms']:.2f} | {decode} | {r['read_bytes_per_step'] / 1e9:.3g} | "
+              f"{r['floor_ms']:.2f} | {r['decode_vs_floor']:.2f}x | {floor} |")
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072],
+    p.add_argument("--lengths", type=int, nargs="*", default=[131072],
                    help="prompt lengths at batch 1")
     p.add_argument("--batch", type=int, default=4, help="the larger batch")
     p.add_argument("--batch-lengths", type=int, nargs="*", default=[32768],
@@ -186,6 +238,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     say(f"{name}, torch {torch.__version__}, {'tiny' if args.tiny else 'Llama-2-7B shape'}")
     rows = run(args)
+    for (product, weight, shape, _, _), (kernel, module) in decode_ops.GEMV_TIMINGS.items():
+        say(f"decode {product} {list(weight)} x {list(shape)}: gemv kernel {kernel:.1f} us, "
+            f"module {module:.1f} us (the faster runs)")
     print_table(rows)
     return rows
 

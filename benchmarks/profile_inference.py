@@ -31,6 +31,7 @@ from megatron_longgen.parallel.initialize import initialize_parallel  # noqa: E4
 
 # First match wins; names are CUDA kernel names as the profiler reports them.
 KINDS = [
+    ("fused decode (ours)", r"_rope_qkv_kernel|_add_norm_kernel|_write_token_kernel"),
     ("fused norm/RoPE/SwiGLU (ours)", r"_rms_norm_kernel|_qkv_rope_kernel|_swiglu_kernel"),
     ("attention: SDPA/flash", r"flash|fmha|cudnn"),  # before matmul: FA4's names say cutlass
     ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitKreduce"),

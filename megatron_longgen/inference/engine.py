@@ -14,7 +14,8 @@ each chunk's queries attending to what the cache holds plus the chunk's own keys
 ``pattern.allowed`` at the true positions (decode is the same step with a chunk of one token);
 pure torch, the CPU path and the reference. ``fast`` (``fast_path.py``) prefills layer by layer
 with the training attention kernels and decodes with a split-K Triton kernel over the compact
-caches, replayed as CUDA graphs. ``auto`` picks ``fast`` on CUDA.
+caches and the fused decode kernels of ``decode_ops.py``, replayed as CUDA graphs. ``auto``
+picks ``fast`` on CUDA.
 """
 
 from __future__ import annotations

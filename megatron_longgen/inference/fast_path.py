@@ -1,51 +1,43 @@
 """The engine's fast path: prefill with the training attention kernels, decode with the split-K
-kernel over the compact caches, decode steps replayed as CUDA graphs.
+kernel over the compact caches and the fused decode kernels, replayed as CUDA graphs.
 
 Prefill goes layer by layer over the whole (right-padded) prompt batch. Per layer, Q/K/V of
 every position are computed ``chunk_size`` positions at a time, then one call of a training
-backend (``attention/backends.py``: SDPA causal for full layers, our Triton block-sparse kernel
-for sparse ones) attends over the whole prompt, so a sparse layer computes only the tiles its
-pattern allows and no L x L mask exists. Full layers write their K/V straight into their cache
-(slot = position); sparse layers keep them in a temporary that ``LayerCache.write`` trims to what
-the cache keeps, and that is freed before the next layer. Padding sits after each prompt's last
-token, so causal attention never lets a real token read it. The MLP and projections then run
-chunk by chunk in place. Peak extra memory is a few [batch, heads, L, d] tensors of one layer.
+backend (``attention/backends.py``, the one ``auto`` picks: fa4 or SDPA for full layers, fa4
+or Flex for AttnSink, our Triton kernel for BlockSparse) attends over the whole prompt, so a
+sparse layer computes only the tiles its pattern allows and no L x L mask exists. Full layers
+write their K/V straight into their cache (slot = position); sparse layers keep them in a
+temporary that ``LayerCache.write`` trims to what the cache keeps, and that is freed before the
+next layer. Padding sits after each prompt's last token, so causal attention never lets a real
+token read it. The MLP and projections then run chunk by chunk in place. Peak extra memory is
+a few [batch, heads, L, d] tensors of one layer.
 
-Decode runs one token per sequence through ``decode_kernel.decode_attention`` and writes the
-new K/V with tensor ops only (no host synchronisation), which makes the whole step capturable:
-on CUDA the first step runs eagerly (compiling and tuning the kernels), the second is captured
-as a CUDA graph, and every later step replays it.
+Decode runs one token per sequence through ``decode_kernel.decode_attention`` and the kernels
+of ``decode_ops`` (QKV split + RoPE + a full layer's cache write, the sparse layers' cache
+write, gate/up + SwiGLU, residual + RMSNorm), with no host synchronisation and fixed shapes,
+which makes the whole step capturable: on CUDA the first step runs eagerly (compiling and
+tuning the kernels), the second is captured as a CUDA graph, and every later step replays it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
 from megatron_longgen.attention.backends import Backend, resolve_backend
+from megatron_longgen.inference import decode_ops
 from megatron_longgen.inference.decode_kernel import decode_attention
-from megatron_longgen.inference.kv_cache import (
-    BlockSlots,
-    FullSlots,
-    KVCache,
-    LayerCache,
-    SinkSlots,
-)
+from megatron_longgen.inference.kv_cache import FullSlots, KVCache, LayerCache
 from megatron_longgen.inference.layer_ops import (
     finish_layer,
     norm,
+    output_layer,
     output_logits,
     project_qkv,
-    run_layer,
 )
-
-# Prefill backends of ``auto`` on CUDA. The forward of our Triton kernel is as fast as Flex's
-# for AttnSink and 2.5x faster for BlockSparse (docs/benchmarks.md), and needs no compilation
-# per prompt length; SDPA (flash) is the fastest causal kernel.
-PREFILL_AUTO_CUDA = {"causal": "sdpa", "attn_sink": "triton", "block_sparse": "triton"}
-
 
 def check_fast_path(engine) -> None:
     """Clear errors for what the fast path cannot run."""
@@ -59,8 +51,9 @@ def check_fast_path(engine) -> None:
 
 
 def prefill_backend(name: str, pattern, device: torch.device) -> Backend:
-    if name == "auto" and device.type == "cuda":
-        name = PREFILL_AUTO_CUDA[pattern.name]
+    """The training backend of a layer's prefill: ``auto`` is the registry's own choice
+    (``attention/backends.py``; fa4 for causal and AttnSink layers where flash-attn-4 is
+    installed, its forward 1.2-1.4x the next one's at 128K)."""
     return resolve_backend(name, pattern, device)
 
 
@@ -126,71 +119,73 @@ def _prefill_layer(engine, layer, lc: LayerCache, x, freqs, positions, valid, le
 # ---- decode ----
 
 
-def evictable_slots(layout) -> Optional[slice]:
-    """The slots whose token can stop being readable: the rings. Sinks, vertical blocks and
-    full layers keep every token they hold."""
-    if isinstance(layout, SinkSlots):
-        return slice(min(layout.pattern.sink_tokens, layout.capacity), layout.capacity)
-    if isinstance(layout, BlockSlots):
-        return slice(0, layout.local * layout.pattern.block_size)
-    return None
-
-
-def write_token(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                offsets: torch.Tensor) -> None:
-    """``LayerCache.write`` for one token per sequence (k/v [b, kv_heads, d], positions
-    ``pos`` [b]) with tensor ops only: no host synchronisation, fixed shapes."""
-    layout = lc.layout
-    new_length = (pos + 1).view(-1, 1, 1)
-    ring = evictable_slots(layout)
-    if ring is not None:  # evict first: the new token may take an evicted token's slot
-        held = lc.pos[:, :, ring]
-        held.masked_fill_(~layout.keep(held, new_length, offsets), -1)
-    pos_h = pos.view(-1, 1, 1).expand(-1, lc.pos.shape[1], 1)
-    keep = layout.keep(pos_h, new_length, offsets)  # [b, kv_heads, 1]
-    # A token the cache drops may map past the last slot; it then rewrites that slot unchanged.
-    slot = layout.slot(pos_h, offsets).clamp(max=lc.pos.shape[2] - 1)
-    idx = slot[..., None].expand(-1, -1, -1, lc.k.shape[-1])
-    for cache_t, new in ((lc.k, k), (lc.v, v)):
-        kept = torch.where(keep[..., None], new[:, :, None].to(cache_t.dtype), cache_t.gather(2, idx))
-        cache_t.scatter_(2, idx, kept)
-    lc.pos.scatter_(2, slot, torch.where(keep, pos_h, lc.pos.gather(2, slot)))
+@dataclass
+class _DecodeLayer:
+    layer: object
+    cache: LayerCache
+    head_offsets: torch.Tensor  # [kv_heads] int32: BlockSparse vertical offsets, else zeros
+    write: dict  # decode_ops.write_params of the cache
+    full: bool
+    fused_rope: bool  # QKV split + RoPE (+ a full layer's cache write) in one kernel
+    next_norm: object  # the norm after this layer: the next input norm or the final norm
 
 
 class DecodeStep:
     """One decode step (one token per sequence) through the fast kernels. It issues no host
-    synchronisation and allocates only fixed-size temporaries, so it can be graph-captured."""
+    synchronisation and allocates only fixed-size temporaries, so it can be graph-captured.
+
+    Each residual add runs with the norm after it (``decode_ops.add_norm``), so the loop keeps
+    the residual ``x`` and the normed rows ``h`` of the next block."""
 
     def __init__(self, engine, cache: KVCache, num_splits: Optional[int] = None):
         self.engine, self.cache, self.num_splits = engine, cache, num_splits
-        self.layers: List[tuple] = []
-        for layer, lc in zip(engine.layers, cache.layers):
-            offsets = lc.offsets  # computed once here: it reads the pattern on the host
-            self.layers.append((layer, lc, offsets, offsets.view(-1).to(torch.int32)))
+        model = engine.model
+        norms = [layer.input_layernorm for layer in engine.layers[1:]]
+        norms.append(model.decoder.final_layernorm)
+        self.layers: List[_DecodeLayer] = []
+        for layer, lc, next_norm in zip(engine.layers, cache.layers, norms):
+            # The offsets are computed once here: they read the pattern on the host.
+            self.layers.append(_DecodeLayer(
+                layer, lc, lc.offsets.view(-1).to(torch.int32), decode_ops.write_params(lc),
+                isinstance(lc.layout, FullSlots),
+                decode_ops.fusable_rope(layer.self_attention, engine.rope), next_norm))
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         engine, cache = self.engine, self.cache
         model = engine.model
         pos = cache.lengths  # the new tokens' positions
         x = model.embedding(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1))
-        freqs = engine.rope[pos.clamp(max=engine.max_length - 1)][:, None, None]  # [b, 1, 1, d]
-        for layer, lc, offsets, head_offsets in self.layers:
-            def attend(attn, h, lc=lc, offsets=offsets, head_offsets=head_offsets):
-                return self._attend(attn, h, lc, offsets, head_offsets, pos, freqs)
-
-            x = run_layer(layer, x, attend, fused=True)
-        logits = output_logits(model, x)
+        h = norm(engine.layers[0].input_layernorm, x, fused=True)
+        for entry in self.layers:
+            layer = entry.layer
+            out, bias = decode_ops.linear(layer.self_attention.linear_proj,
+                                          self._attend(entry, h, pos))
+            x, h = decode_ops.add_norm(x, out, bias, layer.pre_mlp_layernorm)
+            out, bias = decode_ops.mlp(layer.mlp, h)
+            x, h = decode_ops.add_norm(x, out, bias, entry.next_norm)
+        logits = output_layer(model, h)
         cache.lengths.add_(1)  # in place: a captured graph keeps reading this tensor
         return logits[0].float()
 
-    def _attend(self, attn, h, lc, offsets, head_offsets, pos, freqs):
+    def _attend(self, entry: _DecodeLayer, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The attention output [1, b, heads * d] of normed rows h [1, b, hidden]; writes the
+        new K/V into the layer's cache."""
+        engine, lc = self.engine, entry.cache
+        attn = entry.layer.self_attention
         core = attn.core_attention
-        q, k, v = project_qkv(attn, h, freqs, self.engine.config.rotary_interleaved, fused=True)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, heads, d]
-        out = decode_attention(q, k, v, lc.k, lc.v, lc.pos, pos, core.pattern, head_offsets,
-                               core.softmax_scale, isinstance(lc.layout, FullSlots),
-                               self.num_splits)
-        write_token(lc, k, v, pos, offsets)
+        interleaved = engine.config.rotary_interleaved
+        if entry.fused_rope:
+            qkv, _ = decode_ops.linear(attn.linear_qkv, h)  # no bias: fusable_rope
+            q, k, v = decode_ops.rope_qkv(attn, qkv, engine.rope, pos, interleaved,
+                                          full_cache=lc if entry.full else None)
+        else:
+            freqs = engine.rope[pos.clamp(max=engine.max_length - 1)][:, None, None]
+            q, k, v = (t[:, :, 0].contiguous()
+                       for t in project_qkv(attn, h, freqs, interleaved, fused=True))
+        out = decode_attention(q, k, v, lc.k, lc.v, lc.pos, pos, core.pattern, entry.head_offsets,
+                               core.softmax_scale, entry.full, self.num_splits)
+        if not (entry.fused_rope and entry.full):  # after attention: it may evict what it read
+            decode_ops.write_token(lc, k, v, pos, entry.head_offsets, entry.write)
         return out.reshape(1, out.shape[0], -1)
 
 

@@ -83,6 +83,11 @@ def output_logits(model, x: torch.Tensor) -> torch.Tensor:
     """Final norm and output layer on x [s, b, hidden]: logits [s, b, vocab] over the whole
     vocabulary (the output layer is vocab-parallel under tensor parallelism: gathered here;
     a no-op at TP = 1). A tied model's output layer holds no weight: it is the embedding's."""
+    return output_layer(model, model.decoder.final_layernorm(x))
+
+
+def output_layer(model, h: torch.Tensor) -> torch.Tensor:
+    """``output_logits`` of rows h that the final norm has already normed."""
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(model.decoder.final_layernorm(x), weight=weight)
+    logits, _ = model.output_layer(h, weight=weight)
     return gather_from_tensor_model_parallel_region(logits)

@@ -18,5 +18,16 @@ def test_inference_benchmark_smoke(tmp_path, capsys):
     # Sinks (4) and window (32) hold less than a 48-token prompt in the sparse layers.
     assert rows[2]["kv_by_kind"]["attn_sink"] < rows[0]["kv_by_kind"]["causal"] * 4 / 6
     assert rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
+    # The bandwidth model: the tiny model's weights (6 layers, hidden 64, 4 heads in 2 groups
+    # of 16, FFN 176, vocabulary 512, untied; float32), one embedding row per sequence, and
+    # the cache, per step.
+    layer = (4 + 2 * 2) * 16 * 64 + 64 * 64 + 3 * 176 * 64 + 2 * 64
+    for r in rows:
+        assert r["weight_bytes"] == (6 * layer + 64 + 512 * 64 + r["batch"] * 64) * 4
+        assert r["read_bytes_per_step"] == r["weight_bytes"] + r["kv_bytes"]
+        assert abs(r["floor_ms"] * r["read_bandwidth_gbs"] * 1e6 - r["read_bytes_per_step"]) \
+            < 1e-6 * r["read_bytes_per_step"]
+        assert r["decode_vs_floor"] == r["decode_ms"] / r["floor_ms"]
     table = capsys.readouterr().out
-    assert "| 1 | 48 | hybrid attn_sink |" in table and "KV vs full" in table
+    assert "| 1 | 48 | hybrid attn_sink |" in table and "KV vs full" in table and "x floor" in table
+

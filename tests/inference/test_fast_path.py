@@ -1,16 +1,14 @@
 """The fast inference path (whole-prompt prefill with the training backends, split-K decode
-kernel under the Triton interpreter) against the exact pure-torch path: same logits at every
-step, same greedy tokens, same cache contents."""
+kernel and the fused decode kernels under the Triton interpreter) against the exact pure-torch
+path: same logits at every step, same greedy tokens, same cache contents."""
 
 import pytest
 import torch
 
 from megatron_longgen.attention import backends
-from megatron_longgen.attention.patterns import AttnSinkPattern, BlockSparsePattern, CausalPattern
 from megatron_longgen.attention.triton_kernels import sparse_attention
+from megatron_longgen.inference import decode_ops
 from megatron_longgen.inference.engine import InferenceEngine
-from megatron_longgen.inference.fast_path import write_token
-from megatron_longgen.inference.kv_cache import LayerCache
 from megatron_longgen.models.gpt import build_longgen_model
 from megatron_longgen.models.presets import longgen_config
 from test_engine import CASES, MAX_LEN, VOCAB, build  # the exact path's models and patterns
@@ -59,6 +57,9 @@ def test_fast_path_equals_exact_path(megatron_cpu, monkeypatch, case, backend):
     assert fast.fast and not exact.fast
     ref_logits, ref_cache = greedy(exact, prompts, 6)
     logits, cache = greedy(fast, prompts, 6)
+    layers = fast._fast_decoder.step.layers  # the fused decode kernels ran in every layer
+    assert all(e.fused_rope for e in layers) and any(e.full for e in layers)
+    assert all(decode_ops.fusable_mlp(e.layer.mlp, len(prompts)) for e in layers)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
     assert_same_cache(cache, ref_cache)
@@ -86,43 +87,6 @@ def test_fast_decode_keeps_sparse_caches_bounded(megatron_cpu):
         if layer.kind == "attn_sink":
             assert layer.k.shape[2] == sink + window - 1
             assert layer.held_positions(0, 0) == [0, 1] + list(range(23 - window + 1, 23))
-
-
-HEADS, GROUPS, DIM = 4, 2, 3
-WRITE_PATTERNS = {
-    "sink": AttnSinkPattern(sink_tokens=3, window_size=8),
-    "sink_window1": AttnSinkPattern(sink_tokens=2, window_size=1),
-    "block_hetero": BlockSparsePattern(4, 2, 3, homo_head=False, num_heads=HEADS,
-                                       num_query_groups=GROUPS),
-    "block_local1": BlockSparsePattern(4, 1, 2, homo_head=True, num_heads=HEADS,
-                                       num_query_groups=GROUPS),
-    "causal": CausalPattern(),
-}
-
-
-@pytest.mark.parametrize("name", sorted(WRITE_PATTERNS))
-def test_write_token_equals_layer_cache_write(name):
-    """The sync-free one-token write leaves the cache exactly as ``LayerCache.write`` does,
-    including tokens dropped at once (window 1, one local block) and full rings."""
-    pattern = WRITE_PATTERNS[name]
-    twins = [LayerCache.allocate(pattern, 2, GROUPS, HEADS // GROUPS, DIM, 100, torch.float32,
-                                 "cpu") for _ in range(2)]
-    lengths = torch.tensor([0, 5])
-    prompt = torch.arange(5).expand(2, -1)
-    k = prompt[:, None, :, None].expand(-1, GROUPS, -1, DIM).float()
-    for cache in twins:
-        cache.write(k, -k, prompt, prompt < lengths[:, None], lengths)
-    offsets = twins[0].offsets
-    for _ in range(60):
-        k = lengths[:, None, None].expand(-1, GROUPS, DIM).float() + 0.5
-        twins[0].write(k[:, :, None], -k[:, :, None], lengths[:, None],
-                       torch.ones(2, 1, dtype=torch.bool), lengths + 1)
-        write_token(twins[1], k, -k, lengths, offsets)
-        lengths = lengths + 1
-        assert torch.equal(twins[1].pos, twins[0].pos)
-        held = twins[0].pos >= 0
-        assert torch.equal(twins[1].k[held], twins[0].k[held])
-        assert torch.equal(twins[1].v[held], twins[0].v[held])
 
 
 def test_fast_path_errors_are_clear(megatron_cpu):
