@@ -4,7 +4,8 @@
    Megatron indexed dataset.
 2. Train a tiny Llama-style model at short context (every layer full, like the pretrained
    model LongGen starts from; --base-placement middle: the hybrid's layout from the start) on
-   that text mixed with passkey-retrieval documents (a one-digit key after a "#" mark).
+   that text mixed with passkey-retrieval documents (a one-digit key after a "#" mark, in the
+   passkey test's classic filler, at any distance from the question).
 3. Extend it to a longer context (twice by default) with a raised RoPE base, from the same
    weights: as a LongGen hybrid (the middle third of the layers full, the rest sink + window)
    and with every layer sparse. A third extension keeps every layer full; it is scored as
@@ -44,7 +45,7 @@ from megatron.core.utils import unwrap_model  # noqa: E402
 
 from megatron_longgen.data.datasets import DataConfig, build_train_valid_datasets  # noqa: E402
 from megatron_longgen.data.mixture import MixtureDataset  # noqa: E402
-from megatron_longgen.data.passkey import PASSKEY_FORMATS, PasskeyTrainingSet  # noqa: E402
+from megatron_longgen.data.passkey import DEFAULT_FILLER, PASSKEY_FORMATS, PasskeyTrainingSet  # noqa: E402
 from megatron_longgen.data.preprocess import PreprocessConfig, format_report, preprocess  # noqa: E402
 from megatron_longgen.data.tokenizer import build_tokenizer, train_sentencepiece  # noqa: E402
 from megatron_longgen.eval import plots  # noqa: E402
@@ -67,7 +68,12 @@ def step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", flush=True)
 
 
-def filler_text(limit_chars: int = 200_000) -> str:
+def filler_text(kind: str, limit_chars: int = 200_000) -> str:
+    """The text around the needle: the passkey test's classic repeated sentences (a few tokens
+    each, so the needle can sit at any distance from the question even at the short length), or
+    the bundled essays (sentences of 20-40 tokens: at 64 tokens none fits beside the needle)."""
+    if kind == "classic":
+        return DEFAULT_FILLER
     with open(REPO / "examples" / "data" / "essays.txt") as fh:
         return " ".join(fh.read(limit_chars).split())
 
@@ -79,7 +85,7 @@ def training_set(tokenizer, blend_path, seq_length, iters, batch, seed, args, va
                       eval_iters=2 if valid else 0, eval_interval=iters if valid else None)
     text_train, text_valid = build_train_valid_datasets(data, tokenizer)
     passkeys = PasskeyTrainingSet(tokenizer, seq_length, num_samples=iters * batch, seed=seed,
-                                  filler_text=filler_text(), fmt=PASSKEY_FORMATS[args.passkey_format],
+                                  filler_text=filler_text(args.passkey_filler), fmt=PASSKEY_FORMATS[args.passkey_format],
                                   loss_on_filler=args.loss_on_filler)
     return MixtureDataset([text_train, passkeys], [1, args.passkey_ratio], iters * batch), text_valid
 
@@ -101,11 +107,20 @@ def main() -> None:
     parser.add_argument("--base-iters", type=int, default=1000)
     parser.add_argument("--extend-iters", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--base-lr", type=float, default=3e-3,
+                        help="peak learning rate of the short-context stage (cosine to a tenth)")
+    parser.add_argument("--extend-lr", type=float, default=1e-3,
+                        help="peak learning rate of each extension (cosine to a tenth)")
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--passkey-ratio", type=int, default=50,
                         help="passkey items per text window in the training mixture")
-    parser.add_argument("--passkey-format", default="marked", choices=sorted(PASSKEY_FORMATS),
-                        help="marked: a one-digit key after a '#' mark (one token to retrieve)")
+    parser.add_argument("--passkey-format", default="compact", choices=sorted(PASSKEY_FORMATS),
+                        help="compact: a one-digit key after a '#' mark in an 18-token needle and "
+                             "question (one token to retrieve); marked: the same key in the 45-token "
+                             "standard wording, which leaves no room for filler at 64 tokens")
+    parser.add_argument("--passkey-filler", default="classic", choices=("classic", "essays"),
+                        help="text around the needle, in training and evaluation: classic (the "
+                             "passkey test's repeated short sentences) or essays (the bundled text)")
     parser.add_argument("--base-placement", default="all", choices=("all", "middle"),
                         help="full-attention layers of the short-context stage: all (a full-attention "
                              "base, as in the paper) or middle (the hybrid's layout from the start)")
@@ -142,7 +157,7 @@ def main() -> None:
                                 1 + args.seed, args)
     run_stage(common + [
         "--seq-length", str(args.short_length), "--train-iters", str(args.base_iters),
-        "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", str(min(10, args.base_iters // 5)),
+        "--lr", str(args.base_lr), "--min-lr", str(args.base_lr / 10), "--lr-warmup-iters", str(min(10, args.base_iters // 5)),
         "--full-attention-placement", args.base_placement, "--sparse-attention", "attn_sink",
         "--sink-tokens", str(args.sinks), "--sliding-window-size", str(args.window),
         "--rotary-base", "10000", "--save", str(work / "base")], (base_data, None), tokenizer.eod)
@@ -151,7 +166,7 @@ def main() -> None:
     long_data, long_valid = training_set(tokenizer, blend_path, args.long_length, args.extend_iters,
                                          args.batch, 2 + args.seed, args, valid=True)
     far = PasskeyTrainingSet(tokenizer, args.long_length, args.eval_samples, seed=99,
-                             filler_text=filler_text(), depth_range=(0.0, 0.5),
+                             filler_text=filler_text(args.passkey_filler), depth_range=(0.0, 0.5),
                              fmt=PASSKEY_FORMATS[args.passkey_format])
     far_depths = [far.sample(i).depth for i in range(args.eval_samples)]
     rotary_base = 10000 * args.long_length // args.short_length
@@ -162,7 +177,7 @@ def main() -> None:
                        f"window {args.window}, RoPE base {rotary_base}")
         trainer, result = run_stage(common + [
             "--seq-length", str(args.long_length), "--train-iters", str(args.extend_iters),
-            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", str(min(10, args.extend_iters // 5)),
+            "--lr", str(args.extend_lr), "--min-lr", str(args.extend_lr / 10), "--lr-warmup-iters", str(min(10, args.extend_iters // 5)),
             "--full-attention-placement", placement, "--sparse-attention", "attn_sink",
             "--sink-tokens", str(args.sinks), "--sliding-window-size", str(args.window),
             "--rotary-base", str(rotary_base), "--eval-interval", str(args.extend_iters),
@@ -189,7 +204,7 @@ def main() -> None:
     for name, r in results.items():
         loss = f"{r['valid_loss']:.3f}" if r["valid_loss"] is not None else "n/a"
         print(f"| {name} | {loss} | {100 * r['exact']:.1f}% | {100 * r['token_accuracy']:.1f}% |")
-    print("\nchance: 1 in 9 for the marked one-digit key, 10% per digit otherwise. Full-attention "
+    print("\nchance: 1 in 9 for the one-digit key, 10% per digit otherwise. Full-attention "
           "layers read any earlier token directly; the all-sparse model and the evicted cache must "
           "pass the passkey through windows layer by layer.")
     write_heatmap(work / "passkey_heatmap.png", results, far.depth_range, args.long_length)

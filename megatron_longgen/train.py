@@ -6,6 +6,11 @@ torchrun, or submit ``launch/pretrain_longgen.sh`` with sbatch.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a command, not imported: before Megatron-Core is imported
+    from megatron_longgen.utils.accelerators import quiet_fallback_warnings
+
+    quiet_fallback_warnings()  # the trainer's banner names the accelerators found
+
 import dataclasses
 import os
 import sys

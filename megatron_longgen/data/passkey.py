@@ -50,7 +50,12 @@ STANDARD_FORMAT = PasskeyFormat()
 MARKED_FORMAT = PasskeyFormat(needle="The pass key is #{key}. Remember it.",
                               question="What is the pass key? The pass key is #",
                               answer_prefix="", digits=1)
-PASSKEY_FORMATS = {"standard": STANDARD_FORMAT, "marked": MARKED_FORMAT}
+# The marked key in a short needle and question (18 tokens instead of 45): at a short training
+# length most of the item is filler, so the needle's distance from the question varies widely
+# and the lookup learned there is one by content, not by one narrow band of distances.
+COMPACT_FORMAT = PasskeyFormat(needle="The key is #{key}.", question="The key is #",
+                               answer_prefix="", digits=1)
+PASSKEY_FORMATS = {"standard": STANDARD_FORMAT, "marked": MARKED_FORMAT, "compact": COMPACT_FORMAT}
 
 
 @dataclass
@@ -207,9 +212,12 @@ class PasskeyTrainingSet:
     """Passkey samples as training items of exactly ``seq_length`` tokens.
 
     Item ``i`` is ``make_passkey_sample`` with a seed and a depth derived from ``i`` (depths
-    uniform in ``depth_range``), BOS first, left-padded with EOD to length. The loss covers the
-    answer tokens only (the filler around the needle is not what the task teaches) unless
-    ``loss_on_filler``; ``answer_mask`` always marks the answer, for scoring.
+    uniform in ``depth_range``), BOS at position 0 as in a prompt at inference, padded with EOD
+    after the answer to length (causal attention: the padding never reaches the answer; left
+    padding would move the prompt away from position 0 and fill the sparse layers' sink tokens
+    with EOD, which no prompt at inference has). The loss covers the answer tokens only (the
+    filler around the needle is not what the task teaches) unless ``loss_on_filler``;
+    ``answer_mask`` always marks the answer, for scoring.
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_length: int, num_samples: int, seed: int = 0,
@@ -234,12 +242,12 @@ class PasskeyTrainingSet:
         sample = self.sample(idx)
         ids = [self.tokenizer.bos] + sample.token_ids
         pad = self.seq_length + 1 - len(ids)
-        ids = torch.tensor([self.tokenizer.eod] * pad + ids)
+        ids = torch.tensor(ids + [self.tokenizer.eod] * pad)
         a, b = sample.answer_token_span
         answer_mask = torch.zeros(self.seq_length)
-        answer_mask[pad + a: pad + b] = 1.0  # labels[j] is ids[j + 1]; +1 for the BOS
+        answer_mask[a:b] = 1.0  # labels[j] is ids[j + 1], and ids[0] is the BOS
         loss_mask = answer_mask.clone()
         if self.loss_on_filler:
-            loss_mask[pad:] = 1.0
+            loss_mask[:self.seq_length - pad] = 1.0
         return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": loss_mask,
                 "answer_mask": answer_mask, "position_ids": torch.arange(self.seq_length)}

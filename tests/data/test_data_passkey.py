@@ -2,6 +2,8 @@ import pytest
 from data_helpers import CORPUS_DIR, tiny_tokenizer_model
 
 from megatron_longgen.data.passkey import (
+    COMPACT_FORMAT,
+    DEFAULT_FILLER,
     MARKED_FORMAT,
     PasskeyTrainingSet,
     build_passkey_pairs,
@@ -77,6 +79,18 @@ def test_marked_format(tok, corpus):
     assert tok.decode(s.answer_token_ids).strip() == s.passkey
 
 
+def test_compact_format_puts_the_key_at_many_distances_in_a_short_item(tok, corpus):
+    """What the quickstart's short stage needs to learn a lookup by content: in 64 tokens the
+    45-token marked wording in essay filler leaves the key at one distance from the question;
+    the compact wording in the classic filler spreads it."""
+    def distances(fmt, filler):
+        items = PasskeyTrainingSet(tok, 64, 100, seed=1, filler_text=filler, fmt=fmt)
+        return {len(tok.encode(s.prompt[s.prompt.index("#") + 2:])) for s in map(items.sample, range(100))}
+
+    assert len(distances(MARKED_FORMAT, corpus)) <= 2
+    assert len(distances(COMPACT_FORMAT, DEFAULT_FILLER)) >= 8
+
+
 @pytest.mark.parametrize("loss_on_filler", [False, True])
 def test_training_items_mark_the_answer(tok, corpus, loss_on_filler):
     ds = PasskeyTrainingSet(tok, 128, 4, seed=1, filler_text=corpus, fmt=MARKED_FORMAT,
@@ -85,6 +99,10 @@ def test_training_items_mark_the_answer(tok, corpus, loss_on_filler):
     answer = item["answer_mask"] > 0
     assert tok.decode(item["labels"][answer].tolist()).strip() == ds.sample(2).passkey
     assert bool((item["loss_mask"][answer] == 1).all())
-    # Filler counts only when asked; the EOD padding on the left never does.
+    # Filler counts only when asked; the EOD padding after the answer never does.
     assert (int(item["loss_mask"].sum()) > int(answer.sum())) == loss_on_filler
-    assert item["loss_mask"][0] == 0
+    assert item["tokens"][-1] == tok.eod and item["loss_mask"][-1] == 0
+    # The prompt starts at position 0, as at inference: the sink tokens hold the text.
+    sample = ds.sample(2)
+    assert item["tokens"][0] == tok.bos
+    assert item["tokens"][1:1 + len(sample.token_ids)].tolist() == sample.token_ids

@@ -26,9 +26,11 @@ def test_quickstart_defaults_show_the_hybrid_retrieving_beyond_the_window(tmp_pa
     for r in results.values():
         assert len(r["per_item_exact"]) == 64 and r["valid_loss"] > 0
     hybrid, sparse, full, evicted = (results[row]["exact"] for row in rows)
-    # 64 prompts, chance 1 in 9: a 15-point margin is ~10 prompts.
-    assert hybrid >= sparse + 0.15, results
-    assert hybrid >= evicted + 0.15, results
+    # Seed 0 scored 100% / 7.8% / 10.9% on 2 CPU cores (docs/evaluation.md); the thresholds
+    # leave slack for other CPUs' arithmetic. 64 prompts, chance 1 in 9.
+    assert hybrid >= 0.60, results
+    assert hybrid >= sparse + 0.30, results
+    assert hybrid >= evicted + 0.30, results
     assert (tmp_path / "qs" / "passkey_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "qs" / "middle" / "latest_checkpointed_iteration.txt").read_text() == "400"
 
@@ -41,6 +43,9 @@ def test_quickstart_runs_a_subset_of_the_models(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[4/4] results" in proc.stdout and "LongGen hybrid layout" in proc.stdout
+    # Megatron-Core's known warnings are hidden; the stage banners name the accelerators.
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    assert "accelerators: transformer_engine" in proc.stdout
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert list(results) == ["every layer sparse"]
     assert not (tmp_path / "qs" / "middle").exists()
