@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -245,6 +246,20 @@ def _pool_worker_init(spec: TokenizerSpec, prepend_bos: bool, append_eod: bool) 
     _worker_init(spec, prepend_bos, append_eod)
 
 
+def _start_pool(workers: int, initargs: tuple):
+    """A fork pool whose workers ignore SIGINT from their first instruction: forked while the
+    parent ignores it (the initializer alone left a window in which a Ctrl-C to the process
+    group killed a starting worker and could hang the pool's shutdown)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        return multiprocessing.get_context("fork").Pool(workers, initializer=_pool_worker_init,
+                                                        initargs=initargs)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _worker_encode(text: str) -> Optional[numpy.ndarray]:
     if not text:
         return None
@@ -338,9 +353,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessReport:
     pool = None
     try:
         if cfg.workers > 1:
-            pool = multiprocessing.get_context("fork").Pool(
-                cfg.workers, initializer=_pool_worker_init, initargs=(spec, cfg.prepend_bos, cfg.append_eod)
-            )
+            pool = _start_pool(cfg.workers, (spec, cfg.prepend_bos, cfg.append_eod))
             encode = lambda docs: pool.imap(_worker_encode, docs, chunksize=cfg.chunk_size)  # noqa: E731
         else:
             _worker_init(spec, cfg.prepend_bos, cfg.append_eod)
