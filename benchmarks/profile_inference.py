@@ -32,7 +32,9 @@ from megatron_longgen.parallel.initialize import initialize_parallel  # noqa: E4
 # First match wins; names are CUDA kernel names as the profiler reports them.
 KINDS = [
     ("fused decode (ours)", r"_rope_qkv_kernel|_add_norm_kernel|_write_token_kernel"),
-    ("fused norm/RoPE/SwiGLU (ours)", r"_rms_norm_kernel|_qkv_rope_kernel|_swiglu_kernel"),
+    # models/fused_ops.py (training and inference) and the chunked loss's kernels
+    ("fused norm/RoPE/SwiGLU (ours)", r"_rms_norm_|_qkv_rope_kernel|_rope_kernel|_swiglu_"),
+    ("loss: chunked cross-entropy (ours)", r"_chunk_lse_kernel|_chunk_grad_kernel"),
     ("attention: SDPA/flash", r"flash|fmha|cudnn"),  # before matmul: FA4's names say cutlass
     ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|splitKreduce"),
     ("attention: ours (Triton)", r"_attn_fwd|_fwd_kernel|block_sparse|_sparse"),
