@@ -276,15 +276,17 @@ def ring_pair_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
     else ``chunk_backend``'s choice."""
     device = torch.device(device)
     forced = os.environ.get(RING_BACKEND_ENV)
-    if forced and forced in _DENSE_PAIR_BACKENDS:
+    if forced in _DENSE_PAIR_BACKENDS:
         backend = _DENSE_PAIR_BACKENDS[forced]
         if not backend.supports(device, dtype, head_dim):
             fail(f"{RING_BACKEND_ENV}={forced} does not run {dtype}, head dim {head_dim} on "
                  f"{device.type}; use one of {ring_backend_names()}, or unset it")
-        if dense_layer:
-            return backend
-        forced = None  # packed documents: the chunk kernels mask them
-    elif forced:
+        # Packed documents: the chunk kernels mask them.
+        return backend if dense_layer else chunk_backend(device, dtype, head_dim)
+    if forced in _OPTIONAL_PACKAGES:
+        fail(f"{RING_BACKEND_ENV}={forced} needs the {_OPTIONAL_PACKAGES[forced]} package, which is "
+             f"not installed; use one of {ring_backend_names()}, or unset it")
+    if forced:
         backend = _CHUNK_BACKENDS.get(forced)
         if backend is None or not backend.supports(device, dtype, head_dim):
             fail(f"{RING_BACKEND_ENV}={forced}: no such ring backend for {dtype}, head dim "

@@ -139,7 +139,7 @@ def test_backend_choice(monkeypatch):
     assert not isinstance(ring_pair_backend(cpu, torch.float32, D, False), DensePairBackend)
     monkeypatch.setenv(RING_BACKEND_ENV, "reference")
     assert ring_pair_backend(cpu, torch.float32, D, True).name == "reference"
-    for bad in ("nonsense", "sdpa"):  # sdpa: no CUDA here
+    for bad in ("nonsense", "sdpa", "fa4"):  # none runs on CPU
         monkeypatch.setenv(RING_BACKEND_ENV, bad)
         with pytest.raises(UsageError, match=RING_BACKEND_ENV):
             ring_pair_backend(cpu, torch.float32, D, True)
