@@ -2,6 +2,7 @@
 
     python benchmarks/cp_sim.py [--kv-heads 32] [--link-gbps 450] [--json benchmarks/results/cp_sim_h200.json]
     python benchmarks/cp_sim.py --tiny      # CPU, small sizes (a smoke test)
+    python benchmarks/cp_sim.py --ring-backend sdpa   # force the ring steps' kernel (default auto)
 
 Runs the real context-parallel layer (``ContextParallelAttention``: ring attention for the
 full layer, the pattern-aware exchange for AttnSink and BlockSparse) for ONE rank of a CP
@@ -22,6 +23,8 @@ max(0, comm - compute x (CP-1)/CP) per phase; the exchange's all-to-all runs bef
 attention and is all exposed (max of sent and received bytes over the link). The baseline is
 the same layer on ONE GPU at 128K with the backend ``auto`` picks, measured in the same run:
 an ideal CP split costs (one-GPU 128K time) x (pairs at L / pairs at 128K) / CP per rank.
+Each row records the kernel that computed it (``backends``: the ring's dense-pair or chunk
+backend, or the exchange's chunk backend).
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.cp_comm import HEAD_DIM, patterns  # noqa: E402
-from megatron_longgen.attention.backends import resolve_backend  # noqa: E402
+from megatron_longgen.attention.backends import (  # noqa: E402
+    RING_BACKEND_ENV,
+    chunk_backend,
+    resolve_backend,
+    ring_backend_names,
+    ring_pair_backend,
+)
 from megatron_longgen.attention.patterns import (  # noqa: E402
     AttnSinkPattern,
     BlockSparsePattern,
@@ -144,6 +153,13 @@ def pair_count(pattern, seq_len: int, heads: int) -> int:
     return int(bs * (bs + 1) // 2 * len(qb) * heads + bs * bs * blocks.sum())
 
 
+def layer_backends(pattern, device, dtype, head_dim) -> dict:
+    """The kernel the CP layer runs (the layers here have no packed documents)."""
+    if isinstance(pattern, CausalPattern):
+        return {"ring": ring_pair_backend(device, dtype, head_dim, dense_layer=True).name}
+    return {"exchange": chunk_backend(device, dtype, head_dim).name}
+
+
 def predict(is_ring: bool, cp: int, times, comm_fwd: float, comm_bwd: float):
     """Seconds of the layer with communication at the assumed bandwidth (see module doc)."""
     fwd, bwd = times["fwd"], max(0.0, times["fwd_bwd"] - times["fwd"])
@@ -194,6 +210,7 @@ def simulate(args, device, dtype):
             ideal = baselines[name]["fwd_bwd_ms"] * pairs / base_pairs / cp
             records.append({
                 "pattern": name, "seq_len": seq_len, "cp": cp, "rank": args.rank,
+                "backends": layer_backends(pattern, device, dtype, d),
                 "tokens_per_rank": c2, "fwd_ms": times["fwd"] * 1e3, "fwd_bwd_ms": times["fwd_bwd"] * 1e3,
                 "peak_gib": peak / 2 ** 30, "peak_over_inputs_gib": extra / 2 ** 30,
                 "fwd_bytes_sent": int(fwd_bytes), "fwd_bytes_received": int(received),
@@ -222,11 +239,12 @@ def print_table(records, baselines, args):
     for name, b in baselines.items():
         print(f"  one GPU, {name}, L {b['seq_len']}: {b['fwd_bwd_ms']:.1f} ms ({b['backend']}), "
               f"peak {b['peak_gib']:.2f} GiB")
-    print("| pattern | L | CP | compute ms | ideal ms (1-GPU pairs / CP) | x ideal | peak GiB | "
+    print("| pattern | L | CP | kernel | compute ms | ideal ms (1-GPU pairs / CP) | x ideal | peak GiB | "
           "fwd MB sent | fwd MB recv | bwd MB sent | exposed comm ms | predicted ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['pattern']} | {_length(r['seq_len'])} | {r['cp']} | {r['fwd_bwd_ms']:.1f} | "
+        kernel = ", ".join(f"{k} {v}" for k, v in r["backends"].items())
+        print(f"| {r['pattern']} | {_length(r['seq_len'])} | {r['cp']} | {kernel} | {r['fwd_bwd_ms']:.1f} | "
               f"{r['ideal_ms']:.1f} | {r['vs_ideal']:.2f} | {r['peak_gib']:.2f} | "
               f"{r['fwd_bytes_sent'] / 1e6:.1f} | {r['fwd_bytes_received'] / 1e6:.1f} | "
               f"{r['bwd_bytes_sent'] / 1e6:.1f} | {r['exposed_comm_ms']:.1f} | {r['predicted_ms']:.1f} |")
@@ -248,6 +266,10 @@ def main(argv=None):
                         help="run only the first N of (128K, 8), (256K, 16), (512K, 32), (1M, 64)")
     parser.add_argument("--tiny", action="store_true",
                         help="small sizes on CPU in float32 (a smoke test of the method)")
+    parser.add_argument("--ring-backend", default="auto", choices=("auto",) + ring_backend_names(),
+                        help=f"kernel of the full layer's ring steps (sets ${RING_BACKEND_ENV}): a "
+                             "dense-pair backend, or a chunk backend for every pair; auto: the "
+                             "registry's choice (FA4, else SDPA, on CUDA)")
     parser.add_argument("--json", default=None, help="also write the records to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -265,7 +287,16 @@ def main(argv=None):
     args.iters = args.iters or (1 if args.tiny else 3)
     if args.iters < 1:
         fail(f"--iters must be at least 1, got {args.iters}")
-    records, baselines = simulate(args, device, dtype)
+    previous = os.environ.get(RING_BACKEND_ENV)
+    if args.ring_backend != "auto":
+        os.environ[RING_BACKEND_ENV] = args.ring_backend
+    try:
+        records, baselines = simulate(args, device, dtype)
+    finally:  # the setting is this run's only (tests call main in-process)
+        if previous is None:
+            os.environ.pop(RING_BACKEND_ENV, None)
+        else:
+            os.environ[RING_BACKEND_ENV] = previous
     print_table(records, baselines, args)
     ratios = hybrid_ratio(records, *layouts[0])
     print("predicted hybrid / full tokens/s/GPU (attention layers only, first layout): "
@@ -275,7 +306,7 @@ def main(argv=None):
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "kv_heads": args.kv_heads, "link_gbps": args.link_gbps, "rank": args.rank,
-                "iters": args.iters}
+                "iters": args.iters, "ring_backend": args.ring_backend}
         with open(args.json, "w") as f:
             json.dump({**meta, "baselines": baselines, "hybrid_over_full": ratios, "records": records},
                       f, indent=1)

@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +190,8 @@ class ChunkBackend:
 
     ``forward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens)`` -> (out float32, lse
     natural); ``backward(..., cu_seqlens, lse, dout, delta)`` -> (dq, dk, dv) float32, given the
-    final merged output's LSE and delta. ``supports(device, dtype, head_dim)``. A kernel that only takes
-    contiguous positions (FA4, SDPA's flash op, for ring steps) plugs in here the same way.
+    final merged output's LSE and delta. ``supports(device, dtype, head_dim)``. Kernels that only
+    take one contiguous key block (FA4, SDPA's flash op, for ring steps) are ``DensePairBackend``.
     """
 
     name: str
@@ -227,6 +227,77 @@ def chunk_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> Ch
         if backend is not None and backend.supports(device, dtype, head_dim):
             return backend
     raise RuntimeError(f"no context-parallel chunk backend for {dtype}, head dim {head_dim} on {device}")
+
+
+@dataclass(frozen=True)
+class DensePairBackend:
+    """A ring step's pair whose keys are one contiguous block, no documents: the causal diagonal
+    (``causal``: queries and keys at the same positions, sq == sk) or fully visible.
+
+    q [b, hq, sq, d], k/v [b, hkv, sk, d] (GQA not expanded). ``forward(q, k, v, scale, causal)``
+    -> (out [b, hq, sq, d] in float32 or q's dtype, lse [b, hq, sq] natural, float32 or
+    float64); ``backward(q, k, v, out, lse, dout, scale, causal)`` -> (dq, dk, dv) of the pair's
+    share given the FINAL merged ``out`` (q's dtype or float32) and ``lse``: p = exp(s - lse) is
+    this pair's slice of the whole softmax. Gradients come in q's dtype or float32 (each
+    backend says which); the ring adds them into float32 accumulators.
+    ``supports(device, dtype, head_dim)``.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[torch.device, torch.dtype, int], bool]
+
+
+_DENSE_PAIR_BACKENDS: Dict[str, DensePairBackend] = {}
+# Forces the kernel of ring steps: a dense-pair backend (fa4, sdpa, dense_reference) or a chunk
+# backend (triton, reference: every pair through compute.attend with that backend).
+RING_BACKEND_ENV = "LONGGEN_CP_RING_BACKEND"
+# On CUDA, causal fwd+bwd at 128K (docs/benchmarks.md): FA4 784 ms, SDPA 904 ms, ours 1.8x SDPA.
+# On CPU ring pairs stay on the chunk reference (the dense one is for tests, forced).
+_DENSE_PAIR_AUTO_ORDER = {"cuda": ["fa4", "sdpa"]}
+
+
+def register_dense_pair_backend(backend: DensePairBackend) -> None:
+    _DENSE_PAIR_BACKENDS[backend.name] = backend
+
+
+def ring_backend_names() -> Tuple[str, ...]:
+    """Names $LONGGEN_CP_RING_BACKEND takes."""
+    return tuple(_DENSE_PAIR_BACKENDS) + tuple(_CHUNK_BACKENDS)
+
+
+def ring_pair_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
+                      dense_layer: bool) -> Union[DensePairBackend, ChunkBackend]:
+    """The kernel of a ring step's pairs. ``dense_layer``: causal with no packed documents (the
+    only layers a dense-pair backend serves; others always take a chunk backend).
+    $LONGGEN_CP_RING_BACKEND if set; else, with $LONGGEN_CP_CHUNK_BACKEND set, that chunk
+    backend; else the first dense-pair backend of the device's order that supports the inputs;
+    else ``chunk_backend``'s choice."""
+    device = torch.device(device)
+    forced = os.environ.get(RING_BACKEND_ENV)
+    if forced in _DENSE_PAIR_BACKENDS:
+        backend = _DENSE_PAIR_BACKENDS[forced]
+        if not backend.supports(device, dtype, head_dim):
+            fail(f"{RING_BACKEND_ENV}={forced} does not run {dtype}, head dim {head_dim} on "
+                 f"{device.type}; use one of {ring_backend_names()}, or unset it")
+        # Packed documents: the chunk kernels mask them.
+        return backend if dense_layer else chunk_backend(device, dtype, head_dim)
+    if forced in _OPTIONAL_PACKAGES:
+        fail(f"{RING_BACKEND_ENV}={forced} needs the {_OPTIONAL_PACKAGES[forced]} package, which is "
+             f"not installed; use one of {ring_backend_names()}, or unset it")
+    if forced:
+        backend = _CHUNK_BACKENDS.get(forced)
+        if backend is None or not backend.supports(device, dtype, head_dim):
+            fail(f"{RING_BACKEND_ENV}={forced}: no such ring backend for {dtype}, head dim "
+                 f"{head_dim} on {device.type}; have {ring_backend_names()}, or unset it")
+        return backend
+    if dense_layer and not os.environ.get(CHUNK_BACKEND_ENV):
+        for name in _DENSE_PAIR_AUTO_ORDER.get(device.type, []):
+            backend = _DENSE_PAIR_BACKENDS.get(name)
+            if backend is not None and backend.supports(device, dtype, head_dim):
+                return backend
+    return chunk_backend(device, dtype, head_dim)
 
 
 def _cuda_only(pattern, device) -> bool:

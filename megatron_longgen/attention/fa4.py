@@ -23,6 +23,12 @@ Per pattern (one H200, 128K, 32 query / 8 KV heads, d 128, bf16, fwd+bwd; docs/b
 
 The log-sum-exp is differentiable for causal; for attn_sink torch raises NotImplementedError
 when a loss depends on the LSE of the FLASH backend.
+
+Context parallelism's ring steps (``pair_forward`` / ``pair_backward``) call the interface's
+low-level functions, whose backward takes the output and LSE explicitly (the final merged
+ones): ``flash_attn.cute.interface._flash_attn_fwd(q, k, v, softmax_scale=, causal=,
+return_lse=)`` -> (out, lse, ...) and ``_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale,
+causal)`` -> (dq, dk, dv, ...), same layouts; out, dout and the gradients in q's dtype.
 """
 
 from __future__ import annotations
@@ -135,3 +141,35 @@ def fa4_attention(q, k, v, *, pattern, heads, scale, cu_seqlens=None, return_lse
                                       cu_seqlens=cu_seqlens, return_lse=return_lse,
                                       kernel_options=None if lse_under_grad else _FLASH_OPTIONS)
     raise ValueError(f"the fa4 backend does not serve {pattern}")
+
+
+# ---------------------------------------------------------------- context-parallel ring pairs
+
+PAIR_HEAD_DIMS = range(8, 129, 8)  # what sm90 and sm100 both take
+
+
+def pair_supports(device, dtype: torch.dtype, head_dim: int) -> bool:
+    device = torch.device(device)
+    return (device.type == "cuda" and dtype in FA4_DTYPES and head_dim in PAIR_HEAD_DIMS
+            and _capability(device) >= _MIN_CAPABILITY and fa4_loads())
+
+
+def pair_forward(q, k, v, scale: float, causal: bool):
+    """One dense ring pair: q [b, hq, sq, d], k/v [b, hkv, sk, d] (transposed views, no copy)
+    -> out [b, hq, sq, d] in q's dtype, lse [b, hq, sq] float32 natural."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out, lse = _flash_attn_fwd(qt, kt, vt, softmax_scale=scale, causal=causal, return_lse=True)[:2]
+    return out.transpose(1, 2), lse
+
+
+def pair_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
+    """The pair's share of the gradients given the final merged ``out`` and ``lse`` (FA4 forms
+    rowsum(dout * out) from them). dq, dk, dv come in q's dtype (dk/dv summed over GQA groups
+    by the kernel, in float32 before the cast)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out.to(q.dtype), dout.to(q.dtype)))
+    dq, dk, dv = _flash_attn_bwd(qt, kt, vt, ot, dot, lse.float().contiguous(), scale, causal)[:3]
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

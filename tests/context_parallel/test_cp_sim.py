@@ -49,3 +49,25 @@ def test_pair_count_closed_form_equals_the_patterns_count():
                     BlockSparsePattern(16, 2, 8, False, 6, 3, "legacy")]:
         heads = pattern.num_heads
         assert cp_sim.pair_count(pattern, 512, heads) == allowed_pair_count(pattern, 512, range(heads), heads)
+
+
+def test_rows_record_their_kernels(result):
+    """CPU: ring pairs and the exchange take the chunk reference unless a ring backend is forced."""
+    assert result["ring_backend"] == "auto"
+    for r in result["records"]:
+        kind = "ring" if r["pattern"] == "causal" else "exchange"
+        assert r["backends"] == {kind: "reference"}, r
+
+
+def test_forced_ring_backend_is_recorded(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    path = tmp_path / "sim.json"
+    cp_sim.main(["--tiny", "--ring-backend", "dense_reference", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["ring_backend"] == "dense_reference"
+    for r in result["records"]:
+        want = {"ring": "dense_reference"} if r["pattern"] == "causal" else {"exchange": "reference"}
+        assert r["backends"] == want, r
+    with pytest.raises(SystemExit):  # argparse: not a registered name
+        cp_sim.main(["--tiny", "--ring-backend", "nonsense"])

@@ -40,22 +40,25 @@ def pair_mask(pattern: Pattern, q_pos: torch.Tensor, k_pos: torch.Tensor, heads:
     return mask & (q_doc[None, :, None] == k_doc[:, None, :])
 
 
-def attend(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def attend(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens=None,
+           backend: Optional[ChunkBackend] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [b, hq, sq, d], k/v [b, hkv, sk, d] -> out [b, hq, sq, d] in float32 (float64 for
-    float64 inputs), natural lse [b, hq, sq] (-inf where no key is allowed; output 0)."""
-    return chunk_backend(q.device, q.dtype, q.shape[-1]).forward(q, k, v, q_pos, k_pos, pattern, heads, scale,
-                                                    cu_seqlens)
+    float64 inputs), natural lse [b, hq, sq] (-inf where no key is allowed; output 0).
+    ``backend``: the chunk backend to run (default: the registry's choice)."""
+    backend = backend or chunk_backend(q.device, q.dtype, q.shape[-1])
+    return backend.forward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens)
 
 
-def attend_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens, lse, dout, delta):
+def attend_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens, lse, dout, delta,
+                    backend: Optional[ChunkBackend] = None):
     """Gradients of one (query chunk, key chunk) pair's share of the merged attention.
 
     ``lse`` is the final LSE over all keys and ``delta`` = rowsum(dout * out) of the final
     output, so p = exp(s - lse) is this pair's slice of the full softmax. Returns dq (to add to
     the chunk's dq) and dk, dv (to add to the key chunk's), all in float32 (or float64).
     """
-    return chunk_backend(q.device, q.dtype, q.shape[-1]).backward(q, k, v, q_pos, k_pos, pattern, heads, scale,
-                                                     cu_seqlens, lse, dout, delta)
+    backend = backend or chunk_backend(q.device, q.dtype, q.shape[-1])
+    return backend.backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens, lse, dout, delta)
 
 
 # ---------------------------------------------------------------- the exact reference
@@ -67,6 +70,13 @@ def _reference_forward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens=
 
 
 def _reference_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens, lse, dout, delta):
+    mask = pair_mask(pattern, q_pos, k_pos, heads, cu_seqlens)
+    return masked_backward(q, k, v, mask, scale, lse, dout, delta)
+
+
+def masked_backward(q, k, v, mask, scale, lse, dout, delta):
+    """Exact gradients of a pair's share given the final ``lse`` and ``delta``; ``mask`` bool
+    [H or 1, sq, sk]. Float32 (float64 for float64 inputs)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -74,7 +84,6 @@ def _reference_backward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens
     qg = q.to(f32).reshape(b, hkv, g, sq, d)
     dog = dout.to(f32).reshape(b, hkv, g, sq, d)
     kf, vf = k.to(f32), v.to(f32)
-    mask = pair_mask(pattern, q_pos, k_pos, heads, cu_seqlens)
     mask = mask[None].expand(b, hq, sq, sk).reshape(b, hkv, g, sq, sk)
     s = torch.einsum("bhgqd,bhkd->bhgqk", qg, kf) * scale
     lse_g = lse.to(f32).reshape(b, hkv, g, sq, 1)
