@@ -171,6 +171,20 @@ def predict(is_ring: bool, cp: int, times, comm_fwd: float, comm_bwd: float):
     return times["fwd_bwd"] + exposed, exposed
 
 
+def write_json(args, device, records, baselines, ratios=None) -> None:
+    """The records so far (rewritten after every row: a run cut short keeps its rows)."""
+    if not args.json:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "kv_heads": args.kv_heads, "link_gbps": args.link_gbps, "rank": args.rank,
+            "iters": args.iters, "ring_backend": args.ring_backend}
+    with open(args.json, "w") as f:
+        json.dump({**meta, "baselines": baselines, "hybrid_over_full": ratios, "records": records},
+                  f, indent=1)
+
+
 def simulate(args, device, dtype):
     layouts = TINY_LAYOUTS if args.tiny else tuple(LAYOUTS[:args.max_layouts])
     heads, kv_heads, d = (4, 2, 16) if args.tiny else (HEADS, args.kv_heads, HEAD_DIM)
@@ -219,6 +233,7 @@ def simulate(args, device, dtype):
                 "ideal_ms": ideal, "vs_ideal": times["fwd_bwd"] * 1e3 / ideal,
             })
             print(f"  {name} L {_length(seq_len)} CP {cp}: {times['fwd_bwd'] * 1e3:.1f} ms", flush=True)
+            write_json(args, device, records, baselines)
     return records, baselines
 
 
@@ -301,16 +316,7 @@ def main(argv=None):
     ratios = hybrid_ratio(records, *layouts[0])
     print("predicted hybrid / full tokens/s/GPU (attention layers only, first layout): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "kv_heads": args.kv_heads, "link_gbps": args.link_gbps, "rank": args.rank,
-                "iters": args.iters, "ring_backend": args.ring_backend}
-        with open(args.json, "w") as f:
-            json.dump({**meta, "baselines": baselines, "hybrid_over_full": ratios, "records": records},
-                      f, indent=1)
-
+    write_json(args, device, records, baselines, ratios)
 
 if __name__ == "__main__":
     run_main(main)
