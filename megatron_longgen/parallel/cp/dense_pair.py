@@ -69,7 +69,7 @@ def _sdpa_backward(q, k, v, out, lse, dout, scale, causal):
     """dq in q's dtype; dk, dv in k's dtype, or float32 when summed over a GQA group."""
     b, hkv, sk, d = k.shape
     g, sq = q.shape[1] // hkv, q.shape[2]
-    no_seqs = q.new_empty(0, dtype=torch.int32)  # cum_seq_q / cum_seq_k: dense batches
+    no_seqs = None  # cum_seq_q / cum_seq_k undefined, as the dense forward returns them (an empty tensor reads as varlen)
     no_rng = torch.empty((), dtype=torch.int64)  # philox seed / offset: no dropout
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout.to(q.dtype), q, _expand(k, g), _expand(v, g), out.to(q.dtype), lse.float().contiguous(),
