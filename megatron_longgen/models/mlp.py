@@ -5,6 +5,8 @@ With ``bias_activation_fusion`` (``--bias-swiglu-fusion``) Megatron runs its own
 ``models/fused_ops.swiglu`` instead, one pass forward and one backward on CUDA.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
@@ -25,6 +27,22 @@ def plain_swiglu(mlp) -> bool:
 def uses_triton_swiglu(config) -> bool:
     """The config asks for our fused SwiGLU (``--bias-swiglu-fusion --swiglu-fusion-impl triton``)."""
     return bool(config.bias_activation_fusion) and getattr(config, "swiglu_fusion_impl", None) == "triton"
+
+
+class _HideUnknownMLPNotice(logging.Filter):
+    """Megatron's TransformerLayer logs "Unknown MLP type ... Using default kwargs" once per layer
+    for any MLP class but its own, and then builds it with the default tensor-parallel group:
+    for ``LongGenMLP`` that is the group it passes its own MLP, so the notice says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+def hide_unknown_mlp_notice() -> None:
+    """Called where a layer spec uses ``LongGenMLP`` (idempotent)."""
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _HideUnknownMLPNotice) for f in logger.filters):
+        logger.addFilter(_HideUnknownMLPNotice())
 
 
 class LongGenMLP(MLP):

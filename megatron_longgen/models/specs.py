@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_longgen.attention.core_attention import LongGenCoreAttention
-from megatron_longgen.models.mlp import LongGenMLP, uses_triton_swiglu
+from megatron_longgen.models.mlp import LongGenMLP, hide_unknown_mlp_notice, uses_triton_swiglu
 from megatron_longgen.models.norm import RMSNorm
 
 
@@ -34,8 +34,10 @@ def longgen_layer_spec(qk_layernorm: bool = False, triton_swiglu: bool = False) 
     ``qk_layernorm``: per-head RMSNorm on queries and keys before RoPE (Qwen3);
     ``triton_swiglu``: the MLP is ``LongGenMLP`` (our fused SwiGLU), else Megatron's own.
     (Megatron's TransformerLayer logs "Unknown MLP type" for a subclass and builds it with
-    the default tensor-parallel group, the one it would pass.)"""
+    the default tensor-parallel group, the one it would pass: that notice is hidden.)"""
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
+    if triton_swiglu:
+        hide_unknown_mlp_notice()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -153,6 +153,31 @@ def test_mlp_with_triton_swiglu_equals_megatrons_mlp_on_cpu(megatron_cpu):
     torch.testing.assert_close(fused(h)[0], plain(h)[0])
 
 
+def test_layer_with_our_mlp_logs_no_unknown_mlp_notice_and_keeps_the_tp_group(megatron_cpu, caplog):
+    """Megatron logs "Unknown MLP type" per layer for an MLP class but its own and passes it no
+    tensor-parallel group: ours then takes the default group, the one Megatron would pass."""
+    import logging
+
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_longgen.models.mlp import LongGenMLP
+    from megatron_longgen.models.presets import longgen_config
+    from megatron_longgen.models.specs import longgen_layer_spec
+
+    config = longgen_config("tiny", use_cpu_initialization=True, bias_activation_fusion=True)
+    spec = longgen_layer_spec(triton_swiglu=True)
+    with caplog.at_level(logging.WARNING):
+        layer = TransformerLayer(config, spec.submodules, layer_number=1)
+    assert isinstance(layer.mlp, LongGenMLP)
+    assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
+    assert layer.mlp.tp_group is parallel_state.get_tensor_model_parallel_group()
+    other = logging.getLogger("megatron.core.transformer.transformer_layer")
+    with caplog.at_level(logging.WARNING):
+        other.warning("another notice")
+    assert [r for r in caplog.records if r.getMessage() == "another notice"]
+
+
 def test_layer_ops_benchmark_checks_catch_a_wrong_candidate():
     """The benchmark's float64 check (run before any timing) passes our kernels and Megatron's
     unfused ops and fails a candidate that computes something else."""
