@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
@@ -107,14 +107,6 @@ def model_flags(model: str, num_layers: int) -> List[str]:
     return ["--full-attention-layers", *map(str, range(third, 2 * third)), *MODELS[model]]
 
 
-def split_known(flags: List[str]) -> Tuple[List[str], List[str]]:
-    """(flags this trainer has, flags it lacks) among on/off ``flags``."""
-    from megatron_longgen.training.arguments import build_parser
-
-    _, unknown = build_parser().parse_known_args(flags)
-    return [f for f in flags if f not in unknown], unknown
-
-
 def trainer_flags(case: Case, num_layers: int, iters: int) -> List[str]:
     """The trainer's flags for ``case``: batch 1, mock data, no logging in the timed steps."""
     return [
@@ -126,7 +118,7 @@ def trainer_flags(case: Case, num_layers: int, iters: int) -> List[str]:
         *recompute_flags(case.recompute),
         *model_flags(case.model, num_layers),
         *(LINEAR_CROSS_ENTROPY if case.linear_cross_entropy else []),
-        *([] if case.fused_layer_ops else split_known(UNFUSED_LAYER_OPS)[0]),
+        *([] if case.fused_layer_ops else UNFUSED_LAYER_OPS),
     ]
 
 
@@ -186,7 +178,6 @@ def run_in_subprocess(flags: List[str], warmup: int, without_fa4: bool) -> dict:
 def measure(case: Case, args) -> dict:
     flags = trainer_flags(case, args.num_layers, args.warmup + args.iters)
     r = run_in_subprocess(flags, args.warmup, case.without_fa4)
-    missing = [] if case.fused_layer_ops else split_known(UNFUSED_LAYER_OPS)[1]
     row = {
         "seq_length": case.seq_length, "model": case.row_name, "vocab_size": case.vocab_size,
         "recompute": case.recompute,
@@ -196,7 +187,6 @@ def measure(case: Case, args) -> dict:
             "layer_ops": "fused" if case.fused_layer_ops else "unfused",
             "loss": "linear cross-entropy" if case.linear_cross_entropy else "Megatron (whole logits)",
             **({"flash_attn_4": "hidden"} if case.without_fa4 else {}),
-            **({"missing_unfused_flags": missing} if missing else {}),
         },
         "step_time_s": None, "tokens_per_s": None, "mfu": None, "peak_mem_gb": None,
         "num_layers": args.num_layers, "flags": flags,
@@ -375,12 +365,9 @@ def main(argv=None) -> List[dict]:
     from megatron_longgen.training.logger import peak_tflops
 
     args.peak_tflops = peak_tflops(torch.device("cuda"), args.peak_tflops)
-    missing = split_known(UNFUSED_LAYER_OPS)[1]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.num_layers} "
           f"Llama-2-7B-shaped layers ({args.num_layers // 3} full in the hybrids), vocab "
-          f"{args.vocab_size}, peak {args.peak_tflops} TFLOP/s"
-          + (f"; this trainer has no {' '.join(missing)}: those ops run the same in every row"
-             if missing else ""), flush=True)
+          f"{args.vocab_size}, peak {args.peak_tflops} TFLOP/s", flush=True)
     if args.recompute_sweep:
         rows = run_rows(sweep_cases(args), args)
         print_sweep_table(rows)

@@ -16,7 +16,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from benchmarks.train_step import LINEAR_CROSS_ENTROPY, UNFUSED_LAYER_OPS, attention_backends, split_known
+from benchmarks.train_step import LINEAR_CROSS_ENTROPY, UNFUSED_LAYER_OPS, attention_backends
 from megatron_longgen.attention import fa4
 from megatron_longgen.training.arguments import parse_args
 from megatron_longgen.training.trainer import Trainer
@@ -42,7 +42,7 @@ def fast_flags(shape: List[str], window: int, loss_chunks: List[str] = ()) -> Li
 def reference_flags(shape: List[str], window: int) -> List[str]:
     return [*shape, *ONE_STEP, "--sparse-attention", "attn_sink", "--sliding-window-size",
             str(window), "--core-attention-backend", "reference",
-            *split_known(UNFUSED_LAYER_OPS)[0]]
+            *UNFUSED_LAYER_OPS]
 
 
 def named_parameters(trainer):
@@ -110,9 +110,15 @@ def gpu_runs():
     return three_runs(GPU_SHAPE, 1024, GPU_CHUNKS)
 
 
-@gpu
 def test_reference_turns_every_fused_op_off():
-    assert not split_known(UNFUSED_LAYER_OPS)[1], "the trainer lacks these flags"
+    """Every flag the reference run uses to unfuse the layer ops is a trainer flag, and each
+    turns its op off (a renamed flag would otherwise fail only on a GPU)."""
+    from megatron_longgen.training.arguments import build_parser
+
+    args, unknown = build_parser().parse_known_args(["--mock-data", *UNFUSED_LAYER_OPS])
+    assert not unknown, "the trainer lacks these flags"
+    # None would be the device default (on for CUDA): each must be an explicit False
+    assert (args.rms_norm_fusion, args.rope_fusion, args.bias_swiglu_fusion, args.bias_dropout_fusion) == (False,) * 4
 
 
 @gpu
