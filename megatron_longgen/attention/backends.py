@@ -185,7 +185,17 @@ register_backend(Backend(
 
 
 @dataclass(frozen=True)
-class ChunkBackend:
+class _PairKernel:
+    """A CP pair kernel: its name, forward, backward and ``supports(device, dtype, head_dim)``."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[torch.device, torch.dtype, int], bool]
+
+
+@dataclass(frozen=True)
+class ChunkBackend(_PairKernel):
     """Attention of one CP chunk pair with keys at explicit global positions.
 
     ``forward(q, k, v, q_pos, k_pos, pattern, heads, scale, cu_seqlens)`` -> (out float32, lse
@@ -193,11 +203,6 @@ class ChunkBackend:
     final merged output's LSE and delta. ``supports(device, dtype, head_dim)``. Kernels that only
     take one contiguous key block (FA4, SDPA's flash op, for ring steps) are ``DensePairBackend``.
     """
-
-    name: str
-    forward: Callable
-    backward: Callable
-    supports: Callable[[torch.device, torch.dtype, int], bool]
 
 
 _CHUNK_BACKENDS: Dict[str, ChunkBackend] = {}
@@ -230,7 +235,7 @@ def chunk_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> Ch
 
 
 @dataclass(frozen=True)
-class DensePairBackend:
+class DensePairBackend(_PairKernel):
     """A ring step's pair whose keys are one contiguous block, no documents: the causal diagonal
     (``causal``: queries and keys at the same positions, sq == sk) or fully visible.
 
@@ -242,11 +247,6 @@ class DensePairBackend:
     backend says which); the ring adds them into float32 accumulators.
     ``supports(device, dtype, head_dim)``.
     """
-
-    name: str
-    forward: Callable
-    backward: Callable
-    supports: Callable[[torch.device, torch.dtype, int], bool]
 
 
 _DENSE_PAIR_BACKENDS: Dict[str, DensePairBackend] = {}
