@@ -213,17 +213,22 @@ def test_ctrl_c_exits_1_with_one_line_and_no_partial_output(tmp_path):
 
     from data_helpers import REPO
 
-    big = write_jsonl(tmp_path / "big.jsonl", ["A longer document about nothing. " * 200] * 4000)
+    big = write_jsonl(tmp_path / "big_00.jsonl", ["A longer document about nothing. " * 200] * 4000)
+    for i in range(1, 20):  # about a minute of work uninterrupted: it cannot end before the signal
+        os.link(big, tmp_path / f"big_{i:02d}.jsonl")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", f"big={big}",
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", f"big={tmp_path / 'big_*.jsonl'}",
          "--output-prefix", str(out / "c"), "--tokenizer-model", tiny_tokenizer_model(), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+        # as from a terminal: a suite started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out.is_dir() and any(".tmp-" in f for f in os.listdir(out))):  # writing has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the interrupt"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
