@@ -56,12 +56,14 @@ from megatron_longgen.attention.patterns import (  # noqa: E402
     allowed_pair_count,
 )
 from megatron_longgen.parallel.context_parallel import COMM, ContextParallelAttention  # noqa: E402
+from megatron_longgen.parallel.cp.exchange import exchange_kernel  # noqa: E402
 from megatron_longgen.parallel.cp.plan import exchange_plan, ring_bytes_sent  # noqa: E402
 from megatron_longgen.utils.cli import fail, run_main  # noqa: E402
 
 LAYOUTS = ((131072, 8), (262144, 16), (524288, 32), (1048576, 64))
 HEADS = 32
 TINY_LAYOUTS = ((128, 2), (256, 4))
+PATTERN_NAMES = ("causal", "attn_sink", "block_sparse")
 
 
 def layer_patterns(heads: int, kv_heads: int, tiny: bool):
@@ -153,11 +155,18 @@ def pair_count(pattern, seq_len: int, heads: int) -> int:
     return int(bs * (bs + 1) // 2 * len(qb) * heads + bs * bs * blocks.sum())
 
 
-def layer_backends(pattern, device, dtype, head_dim) -> dict:
-    """The kernel the CP layer runs (the layers here have no packed documents)."""
+def layer_backends(attn, pattern, device, dtype, head_dim) -> dict:
+    """The kernels the CP layer ran (the layers here have no packed documents)."""
     if isinstance(pattern, CausalPattern):
         return {"ring": ring_pair_backend(device, dtype, head_dim, dense_layer=True).name}
-    return {"exchange": chunk_backend(device, dtype, head_dim).name}
+    plan = next(iter(attn._static.values()))["plan"]
+    kernel = exchange_kernel(plan, torch.empty(0, head_dim, device=device, dtype=dtype), None)
+    if kernel is None:
+        return {"exchange": chunk_backend(device, dtype, head_dim).name}
+    kernels = {"exchange": f"{kernel.name} window + sinks"}
+    if plan.sink_window.head_chunk is not None:
+        kernels["first chunk"] = resolve_backend("auto", pattern, device).name
+    return kernels
 
 
 def predict(is_ring: bool, cp: int, times, comm_fwd: float, comm_bwd: float):
@@ -194,6 +203,8 @@ def simulate(args, device, dtype):
     bw = args.link_gbps * 1e9
     records, baselines = [], {}
     for name, pattern in layer_patterns(heads, kv_heads, args.tiny).items():
+        if name not in args.patterns:
+            continue
         backend = resolve_backend("auto", pattern, device)
         fn = lambda q, k, v, p=pattern, b=backend: b.fn(q, k, v, pattern=p, heads=torch.arange(heads),  # noqa: E731
                                                         scale=scale)
@@ -224,7 +235,7 @@ def simulate(args, device, dtype):
             ideal = baselines[name]["fwd_bwd_ms"] * pairs / base_pairs / cp
             records.append({
                 "pattern": name, "seq_len": seq_len, "cp": cp, "rank": args.rank,
-                "backends": layer_backends(pattern, device, dtype, d),
+                "backends": layer_backends(attn, pattern, device, dtype, d),
                 "tokens_per_rank": c2, "fwd_ms": times["fwd"] * 1e3, "fwd_bwd_ms": times["fwd_bwd"] * 1e3,
                 "peak_gib": peak / 2 ** 30, "peak_over_inputs_gib": extra / 2 ** 30,
                 "fwd_bytes_sent": int(fwd_bytes), "fwd_bytes_received": int(received),
@@ -285,6 +296,9 @@ def main(argv=None):
                         help=f"kernel of the full layer's ring steps (sets ${RING_BACKEND_ENV}): a "
                              "dense-pair backend, or a chunk backend for every pair; auto: the "
                              "registry's choice (FA4, else SDPA, on CUDA)")
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERN_NAMES), choices=PATTERN_NAMES,
+                        metavar="PATTERN", help=f"layers to simulate, of {', '.join(PATTERN_NAMES)} "
+                                                "(default all; the hybrid ratio needs all three)")
     parser.add_argument("--json", default=None, help="also write the records to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -313,9 +327,10 @@ def main(argv=None):
         else:
             os.environ[RING_BACKEND_ENV] = previous
     print_table(records, baselines, args)
-    ratios = hybrid_ratio(records, *layouts[0])
-    print("predicted hybrid / full tokens/s/GPU (attention layers only, first layout): "
-          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    ratios = hybrid_ratio(records, *layouts[0]) if set(args.patterns) == set(PATTERN_NAMES) else None
+    if ratios:
+        print("predicted hybrid / full tokens/s/GPU (attention layers only, first layout): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     write_json(args, device, records, baselines, ratios)
 
 if __name__ == "__main__":

@@ -215,18 +215,27 @@ def register_chunk_backend(backend: ChunkBackend) -> None:
     _CHUNK_BACKENDS[backend.name] = backend
 
 
+def _forced_kernel(env: str, name: str, registry: dict, device: torch.device, dtype: torch.dtype,
+                   head_dim: int, choices: Tuple[str, ...]):
+    """The kernel that ``$env=name`` forces, or a one-line error naming the choices."""
+    if name not in registry and name in _OPTIONAL_PACKAGES:
+        fail(f"{env}={name} needs the {_OPTIONAL_PACKAGES[name]} package, which is not installed; "
+             f"use one of {choices}, or unset it")
+    backend = registry.get(name)
+    if backend is None or not backend.supports(device, dtype, head_dim):
+        fail(f"{env}={name}: no such context-parallel kernel for {dtype}, head dim {head_dim} on "
+             f"{device.type}; have {choices}, or unset it")
+    return backend
+
+
 def chunk_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> ChunkBackend:
     """The chunk backend for queries on ``device`` of ``dtype`` and ``head_dim``:
     $LONGGEN_CP_CHUNK_BACKEND if set, else the first of the device's order that supports them."""
     device = torch.device(device)
     forced = os.environ.get(CHUNK_BACKEND_ENV)
     if forced:
-        backend = _CHUNK_BACKENDS.get(forced)
-        if backend is None or not backend.supports(device, dtype, head_dim):
-            fail(f"{CHUNK_BACKEND_ENV}={forced}: no such context-parallel chunk backend for "
-                 f"{dtype}, head dim {head_dim} on {device.type}; have {tuple(_CHUNK_BACKENDS)}, "
-                 f"or unset it")
-        return backend
+        return _forced_kernel(CHUNK_BACKEND_ENV, forced, _CHUNK_BACKENDS, device, dtype, head_dim,
+                              tuple(_CHUNK_BACKENDS))
     for name in _CHUNK_AUTO_ORDER.get(device.type, ["reference"]):
         backend = _CHUNK_BACKENDS.get(name)
         if backend is not None and backend.supports(device, dtype, head_dim):
@@ -246,7 +255,13 @@ class DensePairBackend(_PairKernel):
     this pair's slice of the whole softmax. Gradients come in q's dtype or float32 (each
     backend says which); the ring adds them into float32 accumulators.
     ``supports(device, dtype, head_dim)``.
+
+    ``window``: the backend also takes ``window=w`` with ``causal`` (the AttnSink exchange's
+    sliding window): query i sits at key i + sk - sq (bottom-right aligned, sk >= sq) and reads
+    the ``w`` keys ending there.
     """
+
+    window: bool = False
 
 
 _DENSE_PAIR_BACKENDS: Dict[str, DensePairBackend] = {}
@@ -276,21 +291,13 @@ def ring_pair_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
     else ``chunk_backend``'s choice."""
     device = torch.device(device)
     forced = os.environ.get(RING_BACKEND_ENV)
-    if forced in _DENSE_PAIR_BACKENDS:
-        backend = _DENSE_PAIR_BACKENDS[forced]
-        if not backend.supports(device, dtype, head_dim):
-            fail(f"{RING_BACKEND_ENV}={forced} does not run {dtype}, head dim {head_dim} on "
-                 f"{device.type}; use one of {ring_backend_names()}, or unset it")
-        # Packed documents: the chunk kernels mask them.
-        return backend if dense_layer else chunk_backend(device, dtype, head_dim)
-    if forced in _OPTIONAL_PACKAGES:
-        fail(f"{RING_BACKEND_ENV}={forced} needs the {_OPTIONAL_PACKAGES[forced]} package, which is "
-             f"not installed; use one of {ring_backend_names()}, or unset it")
     if forced:
-        backend = _CHUNK_BACKENDS.get(forced)
-        if backend is None or not backend.supports(device, dtype, head_dim):
-            fail(f"{RING_BACKEND_ENV}={forced}: no such ring backend for {dtype}, head dim "
-                 f"{head_dim} on {device.type}; have {ring_backend_names()}, or unset it")
+        kernels = {**_CHUNK_BACKENDS, **_DENSE_PAIR_BACKENDS}
+        backend = _forced_kernel(RING_BACKEND_ENV, forced, kernels, device, dtype, head_dim,
+                                 ring_backend_names())
+        # Packed documents: the chunk kernels mask them.
+        if isinstance(backend, DensePairBackend) and not dense_layer:
+            return chunk_backend(device, dtype, head_dim)
         return backend
     if dense_layer and not os.environ.get(CHUNK_BACKEND_ENV):
         for name in _DENSE_PAIR_AUTO_ORDER.get(device.type, []):
@@ -298,6 +305,43 @@ def ring_pair_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
             if backend is not None and backend.supports(device, dtype, head_dim):
                 return backend
     return chunk_backend(device, dtype, head_dim)
+
+
+# Forces the AttnSink exchange's kernel: a dense-pair backend that takes a window (fa4,
+# dense_reference), or "chunk": the compact chunk path (with $LONGGEN_CP_CHUNK_BACKEND's kernel).
+EXCHANGE_BACKEND_ENV = "LONGGEN_CP_EXCHANGE_BACKEND"
+EXCHANGE_CHUNK_PATH = "chunk"
+# On CUDA: FA4's sliding window (fwd+bwd at 128K: 56.3 ms vs Flex FLASH with sinks 61.3 ms; our
+# chunk kernel on the compact layout ran 2.5x its ideal share at CP 8, docs/context_parallel.md).
+_WINDOW_PAIR_AUTO_ORDER = {"cuda": ["fa4"]}
+
+
+def exchange_backend_names() -> Tuple[str, ...]:
+    """Names $LONGGEN_CP_EXCHANGE_BACKEND takes."""
+    return tuple(n for n, b in _DENSE_PAIR_BACKENDS.items() if b.window) + (EXCHANGE_CHUNK_PATH,)
+
+
+def exchange_pair_backend(device: torch.device, dtype: torch.dtype,
+                          head_dim: int) -> Optional[DensePairBackend]:
+    """The window-capable dense-pair backend of an AttnSink exchange without packed documents,
+    or None for the compact chunk path. $LONGGEN_CP_EXCHANGE_BACKEND if set; else None when
+    $LONGGEN_CP_CHUNK_BACKEND is set; else the first of the device's order that supports the
+    inputs (None on CPU)."""
+    device = torch.device(device)
+    forced = os.environ.get(EXCHANGE_BACKEND_ENV)
+    if forced == EXCHANGE_CHUNK_PATH:
+        return None
+    windowed = {n: b for n, b in _DENSE_PAIR_BACKENDS.items() if b.window}
+    if forced:
+        return _forced_kernel(EXCHANGE_BACKEND_ENV, forced, windowed, device, dtype, head_dim,
+                              exchange_backend_names())
+    if os.environ.get(CHUNK_BACKEND_ENV):
+        return None
+    for name in _WINDOW_PAIR_AUTO_ORDER.get(device.type, []):
+        backend = windowed.get(name)
+        if backend is not None and backend.supports(device, dtype, head_dim):
+            return backend
+    return None
 
 
 def _cuda_only(pattern, device) -> bool:

@@ -154,22 +154,31 @@ def pair_supports(device, dtype: torch.dtype, head_dim: int) -> bool:
             and _capability(device) >= _MIN_CAPABILITY and fa4_loads())
 
 
-def pair_forward(q, k, v, scale: float, causal: bool):
-    """One dense ring pair: q [b, hq, sq, d], k/v [b, hkv, sk, d] (transposed views, no copy)
-    -> out [b, hq, sq, d] in q's dtype, lse [b, hq, sq] float32 natural."""
+def _window_sizes(window: Optional[int]) -> dict:
+    """FA4's (left, right) window: ``window`` keys ending at the query's aligned key."""
+    return {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
+
+
+def pair_forward(q, k, v, scale: float, causal: bool, window: Optional[int] = None):
+    """One dense pair: q [b, hq, sq, d], k/v [b, hkv, sk, d] (transposed views, no copy)
+    -> out [b, hq, sq, d] in q's dtype, lse [b, hq, sq] float32 natural. ``window`` (with
+    ``causal``): query i reads the ``window`` keys ending at key i + sk - sq (FA4 aligns causal
+    masks bottom-right)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    out, lse = _flash_attn_fwd(qt, kt, vt, softmax_scale=scale, causal=causal, return_lse=True)[:2]
+    out, lse = _flash_attn_fwd(qt, kt, vt, softmax_scale=scale, causal=causal, return_lse=True,
+                               **_window_sizes(window))[:2]
     return out.transpose(1, 2), lse
 
 
-def pair_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
+def pair_backward(q, k, v, out, lse, dout, scale: float, causal: bool, window: Optional[int] = None):
     """The pair's share of the gradients given the final merged ``out`` and ``lse`` (FA4 forms
     rowsum(dout * out) from them). dq, dk, dv come in q's dtype (dk/dv summed over GQA groups
     by the kernel, in float32 before the cast)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out.to(q.dtype), dout.to(q.dtype)))
-    dq, dk, dv = _flash_attn_bwd(qt, kt, vt, ot, dot, lse.float().contiguous(), scale, causal)[:3]
+    dq, dk, dv = _flash_attn_bwd(qt, kt, vt, ot, dot, lse.float().contiguous(), scale, causal,
+                                 **_window_sizes(window))[:3]
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -112,7 +112,8 @@ class ContextParallelAttention:
             sent = ring
         else:
             plan = exchange_plan(self.pattern, seq_len, self.cp_size, self.cp_rank, self.kv_heads, cu)
-            static["plan"] = DevicePlan(plan, positions[self.cp_rank], device)
+            static["plan"] = DevicePlan(plan, positions[self.cp_rank], device,
+                                        self.pattern if cu is None else None)
             sent = plan.bytes_sent(b, d, k.element_size())
         if not self._logged:
             log.info("CP layer %d (%s, CP %d, L %d): forward sends %.3f MB per rank; ring %.3f MB",

@@ -72,11 +72,18 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def layer_worker(rank, world, port, out_dir):
+def layer_worker(rank, world, port, out_dir, exchange_backend=""):
+    """``exchange_backend``: sets $LONGGEN_CP_EXCHANGE_BACKEND in the rank (dense_reference runs
+    the AttnSink exchange's sink-window path on CPU)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if exchange_backend:
+        from megatron_longgen.attention.backends import EXCHANGE_BACKEND_ENV
+
+        os.environ[EXCHANGE_BACKEND_ENV] = exchange_backend
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from megatron_longgen.parallel.context_parallel import (
         COMM, ContextParallelAttention, exchange_plan, ring_bytes_sent, shard_batch_for_context_parallel)
+    from megatron_longgen.parallel.cp.exchange import exchange_kernel
     from megatron.core.packed_seq_params import PackedSeqParams
 
     results = {}
@@ -103,10 +110,12 @@ def layer_worker(rank, world, port, out_dir):
                "fwd_bytes": COMM.total(phase="fwd"), "bwd_bytes": COMM.total(phase="bwd"),
                "ring_bytes": ring_bytes_sent(SEQ, world, case.batch, len(case.kv_heads), case.head_dim, 4)}
         if not isinstance(case.pattern, CausalPattern):
+            dplan = next(iter(attn._static.values()))["plan"]
+            res["sink_window"] = exchange_kernel(dplan, lq, cp_packed and cp_packed.cu_seqlens_q) is not None
             plan = exchange_plan(case.pattern, SEQ, world, rank, case.kv_heads, case.docs)
             res["plan_bytes"] = plan.bytes_sent(case.batch, case.head_dim, 4)
             res["plan_bwd_bytes"] = plan.bytes_received(case.batch, case.head_dim, 4)
         results[case.name] = res
-    with open(os.path.join(out_dir, f"layer_cp{world}_rank{rank}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"layer_cp{world}{exchange_backend}_rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

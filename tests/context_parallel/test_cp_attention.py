@@ -42,6 +42,40 @@ def test_layer_matches_unsharded(layer_results, case):
     for rank, res in enumerate(ranks):
         errs = {n: res[case][n] for n in ("out", "dq", "dk", "dv")}
         assert max(errs.values()) < TOL, (world, rank, errs)
+        if case in SINK_CASES:  # on CPU, auto keeps the AttnSink exchange on the chunk path
+            assert not res[case]["sink_window"]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
+def sink_window_results(request, tmp_path_factory):
+    """The same layers with the AttnSink exchange forced onto the sink-window path (its exact
+    dense-pair reference on CPU) wherever the layout allows it."""
+    world, backend = request.param, "dense_reference"
+    out = tmp_path_factory.mktemp(f"cp{world}sw")
+    mp.spawn(layer_worker, args=(world, _free_port(), str(out), backend), nprocs=world, join=True)
+    return world, [json.loads((out / f"layer_cp{world}{backend}_rank{r}.json").read_text()) for r in range(world)]
+
+
+SINK_CASES = [c.name for c in CASES if isinstance(c.pattern, AttnSinkPattern)]
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_sink_window_path_matches_unsharded(sink_window_results, case):
+    world, ranks = sink_window_results
+    for rank, res in enumerate(ranks):
+        errs = {n: res[case][n] for n in ("out", "dq", "dk", "dv")}
+        assert max(errs.values()) < TOL, (world, rank, errs)
+        # Which ranks took the path: documents never; a window wider than a chunk's start not.
+        c = SEQ // (2 * world)
+        starts = [i * c for i in (rank, 2 * world - 1 - rank)]
+        sink, window = CASES_BY_NAME[case].pattern.sink_tokens, CASES_BY_NAME[case].pattern.window_size
+        expect = CASES_BY_NAME[case].docs is None and not any(0 < s < sink + window - 1 for s in starts)
+        assert res[case]["sink_window"] is expect, (world, rank)
+    if case == "sink_gqa":
+        assert all(r[case]["sink_window"] for r in ranks)
+
+
+CASES_BY_NAME = {c.name: c for c in CASES}
 
 
 @pytest.mark.parametrize("case", [c.name for c in CASES])

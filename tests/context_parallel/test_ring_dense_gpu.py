@@ -101,3 +101,57 @@ def test_auto_takes_a_dense_backend_on_cuda(monkeypatch):
     assert ring_pair_backend(cuda, torch.bfloat16, 128, True).name == want
     assert ring_pair_backend(cuda, torch.bfloat16, 128, False).name == "triton"  # packed documents
     assert ring_pair_backend(cuda, torch.float32, 128, True).name == "triton"  # 16-bit kernels only
+
+
+WINDOW_CASES = {  # (query heads, KV heads, head dim, chunk, sink tokens, window)
+    "32q8kv-d128-c1000-s64-w700": (32, 8, 128, 1000, 64, 700),
+    "8q2kv-d64-c1061-s4-w1500": (8, 2, 64, 1061, 4, 1500),  # a window wider than the chunk
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=list(WINDOW_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+def test_sink_window_passes_match_float64(dtype, case):
+    """The AttnSink exchange's chunk (sink_window.py) on FA4: a window pass over the contiguous
+    run plus a sink pass, merged, against float64 attention under the pattern's rule at global
+    positions; gradients of q, the window run and the sinks."""
+    from megatron_longgen.attention.patterns import AttnSinkPattern
+    from megatron_longgen.parallel.cp.sink_window import SinkWindowAttention
+
+    backend = _backend("fa4")
+    dtype = DTYPES[dtype]
+    hq, hkv, d, c, sink, window = WINDOW_CASES[case]
+    start, scale = sink + window + 37, d ** -0.5
+    g = torch.Generator(device="cuda").manual_seed(c + window)
+    sk = window - 1 + c
+    q, kw, vw, ks, vs, dout = (torch.randn(s, generator=g, device="cuda").to(dtype) for s in (
+        (1, hq, c, d), (1, hkv, sk, d), (1, hkv, sk, d), (1, hkv, sink, d), (1, hkv, sink, d), (1, hq, c, d)))
+    q_pos = torch.arange(start, start + c, device="cuda")
+    k_pos = torch.cat([torch.arange(sink, device="cuda"), torch.arange(start - window + 1, start + c, device="cuda")])
+    mask = AttnSinkPattern(sink, window).allowed(q_pos[:, None], k_pos[None])
+    ref_in = [t.double().requires_grad_() for t in (q, kw, vw, ks, vs)]
+    ref, _ = masked_attention(ref_in[0], torch.cat([ref_in[3], ref_in[1]], 2),
+                              torch.cat([ref_in[4], ref_in[2]], 2), mask[None, None], scale)
+    (ref * dout.double()).sum().backward()
+    inputs = [t.clone().requires_grad_() for t in (q, kw, vw, ks, vs)]
+    out = SinkWindowAttention.apply(*inputs, backend, scale, window)
+    assert out.dtype == dtype
+    (out * dout).sum().backward()
+    assert _rel(out, ref.detach()) < TOL[dtype]
+    for label, got, want in zip(("dq", "dk window", "dv window", "dk sinks", "dv sinks"), inputs, ref_in):
+        assert got.grad.dtype == dtype
+        assert _rel(got.grad, want.grad) < TOL[dtype], label
+
+
+def test_auto_takes_fa4_for_the_attn_sink_exchange(monkeypatch):
+    from megatron_longgen.attention.backends import EXCHANGE_BACKEND_ENV, exchange_pair_backend
+
+    monkeypatch.delenv(EXCHANGE_BACKEND_ENV, raising=False)
+    monkeypatch.delenv(CHUNK_BACKEND_ENV, raising=False)
+    cuda = torch.device("cuda")
+    backend = exchange_pair_backend(cuda, torch.bfloat16, 128)
+    if fa4.fa4_installed() and fa4.pair_supports(cuda, torch.bfloat16, 128):
+        assert backend.name == "fa4"
+    else:
+        assert backend is None
+    assert exchange_pair_backend(cuda, torch.float32, 128) is None  # 16 bits only: the chunk path

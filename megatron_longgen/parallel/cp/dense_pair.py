@@ -4,11 +4,12 @@ A ring step's (query chunk, key chunk) pair is then one contiguous key block, ei
 diagonal or fully visible, which a dense flash kernel runs faster than the chunk kernels that
 take arbitrary key positions. The interface is ``backends.DensePairBackend``; registered here:
 
-- ``fa4``: flash-attn-4's low-level forward / backward (``attention/fa4.py``), sm90+, 16 bits.
+- ``fa4``: flash-attn-4's low-level forward / backward (``attention/fa4.py``), sm90+, 16 bits;
+  also the AttnSink exchange's sliding window (``window=``).
 - ``sdpa``: torch's flash SDPA ops (sm80+, 16 bits). They run equal head counts here: K/V are
   expanded for GQA and dK/dV summed back over the group in float32.
-- ``dense_reference``: the exact pure-torch attention with a causal or all-true mask (CPU tests
-  force it to run the ring's dense dispatch).
+- ``dense_reference``: the exact pure-torch attention with a causal, windowed or all-true mask
+  (CPU tests force it to run the ring's and the exchange's dense dispatch).
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from megatron_longgen.parallel.cp.compute import masked_backward
 SDPA_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _mask(sq: int, sk: int, causal: bool, device) -> torch.Tensor:
-    """[1, sq, sk]: all keys, or the causal diagonal (queries and keys at the same positions)."""
+def _mask(sq: int, sk: int, causal: bool, device, window=None) -> torch.Tensor:
+    """[1, sq, sk]: all keys; the causal diagonal (queries and keys at the same positions); or,
+    with ``window``, the ``window`` keys ending at key i + sk - sq for query i."""
+    if window is not None:
+        if not causal or sk < sq:
+            raise ValueError(f"a windowed dense pair is causal with at least as many keys as queries; "
+                             f"got causal={causal}, {sq} queries, {sk} keys")
+        at = torch.arange(sq, device=device)[:, None] + (sk - sq)
+        key = torch.arange(sk, device=device)[None]
+        return ((key <= at) & (at - key < window))[None]
     if causal and sq != sk:
         raise ValueError(f"a causal dense pair has queries and keys at the same positions; got {sq} and {sk}")
     mask = torch.ones(1, sq, sk, dtype=torch.bool, device=device)
@@ -33,16 +42,17 @@ def _mask(sq: int, sk: int, causal: bool, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- exact reference
 
-def _reference_forward(q, k, v, scale, causal):
-    out, lse = masked_attention(q, k, v, _mask(q.shape[2], k.shape[2], causal, q.device), scale)
+def _reference_forward(q, k, v, scale, causal, window=None):
+    out, lse = masked_attention(q, k, v, _mask(q.shape[2], k.shape[2], causal, q.device, window), scale)
     return out.to(lse.dtype), lse
 
 
-def _reference_backward(q, k, v, out, lse, dout, scale, causal):
+def _reference_backward(q, k, v, out, lse, dout, scale, causal, window=None):
     """Float32 (float64 for float64 inputs) gradients."""
     f32 = torch.promote_types(q.dtype, torch.float32)
     delta = (dout.to(f32) * out.to(f32)).sum(-1)
-    return masked_backward(q, k, v, _mask(q.shape[2], k.shape[2], causal, q.device), scale, lse, dout, delta)
+    mask = _mask(q.shape[2], k.shape[2], causal, q.device, window)
+    return masked_backward(q, k, v, mask, scale, lse, dout, delta)
 
 
 # ---------------------------------------------------------------- torch's flash SDPA ops
@@ -81,8 +91,8 @@ def _sdpa_backward(q, k, v, out, lse, dout, scale, causal):
 
 
 register_dense_pair_backend(DensePairBackend("dense_reference", _reference_forward, _reference_backward,
-                                             lambda device, dtype, head_dim: True))
+                                             lambda device, dtype, head_dim: True, window=True))
 register_dense_pair_backend(DensePairBackend("sdpa", _sdpa_forward, _sdpa_backward, _sdpa_supports))
 if fa4.fa4_installed():
     register_dense_pair_backend(DensePairBackend("fa4", fa4.pair_forward, fa4.pair_backward,
-                                                 fa4.pair_supports))
+                                                 fa4.pair_supports, window=True))
