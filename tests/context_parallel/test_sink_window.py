@@ -91,13 +91,41 @@ def test_layout_reads_the_planned_keys(cp):
         recv = torch.stack([recv_k, -recv_k], 1)[:, None, :, None]  # [M, b=1, 2, d=1]
 
         def check(gather, positions):
-            got_k, got_v = gather(k, -k, recv)
+            got_k, got_v = gather.rows(k, -k, recv)
             want = (1000 * torch.arange(hkv)[:, None] + positions[None]).double()
             assert torch.equal(got_k[0, :, :, 0], want) and torch.equal(got_v[0, :, :, 0], -want)
 
         for i, halo in zip(layout.windowed, layout.halos):
             check(halo, torch.arange(starts[i] - pattern.window_size + 1, starts[i]))
         check(layout.sinks, torch.arange(pattern.sink_tokens))
+
+
+@pytest.mark.parametrize("pattern,cp,rank", [(AttnSinkPattern(3, 6), 2, 0), (AttnSinkPattern(3, 6), 2, 1),
+                                               (AttnSinkPattern(2, 15), 4, 3), (AttnSinkPattern(2, 15), 4, 0)])
+def test_row_gradients_are_the_gathers_adjoint(pattern, cp, rank):
+    """``add_grads`` routes the rows' gradients exactly where autograd sends them through the
+    gather: local rows into dK/dV, received rows into the received gradient, repeated rows
+    summed. (2, 15) at CP 4: rank 3's second halo spans a received and a local chunk."""
+    seq, hkv, b, d = 96, 2, 2, 3
+    layout, plan, _ = _layout(pattern, seq, cp, rank)
+    c2 = seq // cp
+    g = torch.Generator().manual_seed(cp + rank)
+    k, v = (torch.randn(b, hkv, c2, d, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    recv = torch.randn(len(plan.recv_slot), b, 2, d, generator=g, dtype=torch.float64).requires_grad_()
+    kinds = set()
+    for gather in layout.halos + (layout.sinks,):
+        kinds.add((len(gather.local_row) > 0, len(gather.recv_row) > 0))
+        rows_k, rows_v = gather.rows(k, v, recv)
+        grad_k, grad_v = torch.randn_like(rows_k), torch.randn_like(rows_v)
+        k.grad = v.grad = recv.grad = None
+        torch.autograd.backward((rows_k, rows_v), (grad_k, grad_v))
+        grad_local = torch.zeros(2, b, hkv, c2, d, dtype=torch.float64)
+        grad_recv = torch.zeros_like(recv)
+        gather.add_grads(grad_k, grad_v, grad_local.view(2, b, hkv * c2, d), grad_recv)
+        for got, want in ((grad_local[0], k.grad), (grad_local[1], v.grad), (grad_recv, recv.grad)):
+            torch.testing.assert_close(got, want if want is not None else torch.zeros_like(got))
+    if (pattern.window_size, rank) == (15, 3):
+        assert (True, True) in kinds  # the mixed gather is exercised
 
 
 def test_layout_applies_only_where_sinks_and_window_are_apart():

@@ -16,13 +16,13 @@ from typing import Optional
 
 import torch
 
-from megatron_longgen.attention.backends import exchange_pair_backend
+from megatron_longgen.attention.backends import exchange_pair_backend, resolve_backend
 from megatron_longgen.attention.patterns import Pattern
 from megatron_longgen.parallel.cp import dense_pair  # noqa: F401  (registers the dense-pair backends)
 from megatron_longgen.parallel.cp.comm import all_to_all_rows
 from megatron_longgen.parallel.cp.compute import NO_KEY, chunk_attention
 from megatron_longgen.parallel.cp.plan import ExchangePlan
-from megatron_longgen.parallel.cp.sink_window import SinkWindowLayout, sink_window_attention
+from megatron_longgen.parallel.cp.sink_window import SinkWindowLayout, chunk_backward, chunk_forward
 
 
 def compact_keys(plan: ExchangePlan, q_pos: torch.Tensor):
@@ -52,6 +52,7 @@ class DevicePlan:
                  pattern: Optional[Pattern] = None):
         self.send_splits, self.recv_splits = list(plan.send_splits), list(plan.recv_splits)
         c2 = len(q_pos)  # rows are h * 2c + local index
+        self.send_index = plan.send_index.to(device)
         self.send_head, self.send_pos = (plan.send_index // c2).to(device), (plan.send_index % c2).to(device)
         index, key_pos = compact_keys(plan, q_pos.cpu())
         self.key_index, self.key_pos = index.flatten().to(device), key_pos.to(device)
@@ -59,13 +60,24 @@ class DevicePlan:
                             if pattern is not None else None)
 
 
+def _send_rows(k, v, dplan: DevicePlan) -> torch.Tensor:
+    """The rows this rank sends, straight from k/v (no copy of the whole K/V): [N, b, 2, d]."""
+    return torch.stack([k[:, dplan.send_head, dplan.send_pos], v[:, dplan.send_head, dplan.send_pos]],
+                       dim=2).transpose(0, 1)
+
+
+def _add_returned(grad_send: torch.Tensor, dplan: DevicePlan, grad_local: torch.Tensor) -> None:
+    """The gradients of the sent rows (grad_send [N, b, 2, d]) added into this rank's dK/dV
+    ``grad_local`` [2, b, hkv * 2c, d]: one token may serve several ranks."""
+    for i in (0, 1):
+        grad_local[i].index_add_(1, dplan.send_index, grad_send[:, :, i].transpose(0, 1).to(grad_local.dtype))
+
+
 class ExchangeKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, dplan: DevicePlan, group, layer: int):
-        # Rows straight from k/v (no copy of the whole K/V): [N, b, 2, d].
-        send = torch.stack([k[:, dplan.send_head, dplan.send_pos], v[:, dplan.send_head, dplan.send_pos]],
-                           dim=2).transpose(0, 1)
-        recv = all_to_all_rows(send, dplan.send_splits, dplan.recv_splits, group, layer, "exchange", "fwd")
+        recv = all_to_all_rows(_send_rows(k, v, dplan), dplan.send_splits, dplan.recv_splits, group,
+                               layer, "exchange", "fwd")
         ctx.dplan, ctx.group, ctx.layer, ctx.shape = dplan, group, layer, k.shape
         return recv  # [M, b, 2, d]
 
@@ -74,13 +86,93 @@ class ExchangeKV(torch.autograd.Function):
         dplan = ctx.dplan
         grad_send = all_to_all_rows(grad_recv, dplan.recv_splits, dplan.send_splits, ctx.group,
                                     ctx.layer, "exchange", "bwd")
-        grad = grad_send.new_zeros((2,) + tuple(ctx.shape))
-        # One token may serve several ranks: accumulate.
-        batch = torch.arange(ctx.shape[0], device=grad.device)[:, None]
-        for i in (0, 1):
-            grad[i].index_put_((batch, dplan.send_head[None], dplan.send_pos[None]),
-                               grad_send[:, :, i].transpose(0, 1), accumulate=True)
+        b, hkv, c2, d = ctx.shape
+        grad = grad_send.new_zeros(2, b, hkv, c2, d)
+        _add_returned(grad_send, dplan, grad.view(2, b, hkv * c2, d))
         return grad[0], grad[1], None, None, None
+
+
+class SinkWindowExchange(torch.autograd.Function):
+    """A rank's whole AttnSink exchange on the sink-window path as one autograd node: the
+    all-to-all, each windowed chunk's window run (halo rows then the chunk, one buffer each
+    for K and V) and sink passes, and rank 0's first chunk on the one-GPU kernel. Its backward
+    writes dQ, dK, dV into one buffer each and adds the halo, sink and returned rows' gradients
+    in place: autograd sums no per-slice gradients of the whole K/V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dplan: DevicePlan, group, layer: int, kernel, pattern, heads, scale: float):
+        layout = dplan.sink_window
+        recv = all_to_all_rows(_send_rows(k, v, dplan), dplan.send_splits, dplan.recv_splits, group,
+                               layer, "exchange", "fwd")
+        b, hkv, _, d = k.shape
+        halo, window = layout.window_size - 1, layout.window_size
+        ks, vs = layout.sinks.rows(k, v, recv) if layout.sink_tokens else (None, None)
+        out = q.new_empty(q.shape)
+        runs, lses = [], []
+        for i, gather in zip(layout.windowed, layout.halos):
+            part = layout.part(i)
+            kw, vw = (k.new_empty(b, hkv, halo + layout.chunk_len, d) for _ in range(2))
+            gather.write(k, v, recv, kw[:, :, :halo], vw[:, :, :halo])
+            kw[:, :, halo:].copy_(k[:, :, part])
+            vw[:, :, halo:].copy_(v[:, :, part])
+            out_i, lse = chunk_forward(q[:, :, part], kw, vw, ks, vs, kernel, scale, window)
+            out[:, :, part] = out_i
+            runs += [kw, vw]
+            lses.append(lse)
+        ctx.head = None
+        if layout.head_chunk is not None:  # every key it reads is local: the one-GPU layer kernel
+            part = layout.part(layout.head_chunk)
+            with torch.enable_grad():
+                leaves = [x[:, :, part].detach().requires_grad_() for x in (q, k, v)]
+                head_out = resolve_backend("auto", pattern, q.device).fn(*leaves, pattern=pattern,
+                                                                         heads=heads, scale=scale)
+            out[:, :, part] = head_out.detach()
+            ctx.head = (leaves, head_out)
+        ctx.save_for_backward(q, out, ks, vs, *runs, *lses)
+        ctx.dplan, ctx.group, ctx.layer, ctx.kernel, ctx.scale = dplan, group, layer, kernel, scale
+        ctx.kv_shape, ctx.kv_dtype, ctx.recv_rows = k.shape, k.dtype, recv.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, out, ks, vs, *saved = ctx.saved_tensors
+        dplan, layout = ctx.dplan, ctx.dplan.sink_window
+        n = len(layout.windowed)
+        runs, lses = saved[:2 * n], saved[2 * n:]
+        b, hkv, c2, d = ctx.kv_shape
+        halo, window = layout.window_size - 1, layout.window_size
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        grad_local = torch.empty(2, b, hkv, c2, d, dtype=ctx.kv_dtype, device=q.device)
+        grad_recv = grad_local.new_zeros(ctx.recv_rows, b, 2, d)
+        halo_grads, sink_grads = [], None
+        for j, (i, gather) in enumerate(zip(layout.windowed, layout.halos)):
+            part = layout.part(i)
+            kw, vw = runs[2 * j], runs[2 * j + 1]
+            _, dkw, dvw, dks, dvs = chunk_backward(q[:, :, part], kw, vw, ks, vs, out[:, :, part], lses[j],
+                                                   dout[:, :, part], ctx.kernel, ctx.scale, window,
+                                                   dq_out=dq[:, :, part])
+            grad_local[0][:, :, part] = dkw[:, :, halo:]
+            grad_local[1][:, :, part] = dvw[:, :, halo:]
+            halo_grads.append((gather, dkw[:, :, :halo], dvw[:, :, :halo]))
+            if dks is not None:
+                pair = (dks.float(), dvs.float())
+                sink_grads = pair if sink_grads is None else (sink_grads[0] + pair[0], sink_grads[1] + pair[1])
+        if ctx.head is not None:
+            (qh, kh, vh), head_out = ctx.head
+            part = layout.part(layout.head_chunk)
+            torch.autograd.backward(head_out, dout[:, :, part])
+            dq[:, :, part], grad_local[0][:, :, part], grad_local[1][:, :, part] = qh.grad, kh.grad, vh.grad
+            ctx.head = None
+        # Rows read by more than their own chunk: halos and sinks, local or received.
+        flat = grad_local.view(2, b, hkv * c2, d)
+        for gather, grad_k, grad_v in halo_grads:
+            gather.add_grads(grad_k, grad_v, flat, grad_recv)
+        if sink_grads is not None:
+            layout.sinks.add_grads(*sink_grads, flat, grad_recv)
+        grad_send = all_to_all_rows(grad_recv, dplan.recv_splits, dplan.send_splits, ctx.group,
+                                    ctx.layer, "exchange", "bwd")
+        _add_returned(grad_send, dplan, flat)
+        return (dq, grad_local[0], grad_local[1]) + (None,) * 7
 
 
 def exchange_kernel(dplan: DevicePlan, q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
@@ -95,10 +187,10 @@ def exchange_attention(q, k, v, q_pos: torch.Tensor, dplan: DevicePlan, group, l
                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's tokens) -> out [b, hq, 2c, d]."""
     b, hkv, c2, d = k.shape
-    recv = ExchangeKV.apply(k, v, dplan, group, layer)
     kernel = exchange_kernel(dplan, q, cu_seqlens)
     if kernel is not None:
-        return sink_window_attention(q, k, v, recv, dplan.sink_window, kernel, pattern, heads, scale)
+        return SinkWindowExchange.apply(q, k, v, dplan, group, layer, kernel, pattern, heads, scale)
+    recv = ExchangeKV.apply(k, v, dplan, group, layer)
     rows = torch.cat([torch.stack([k, v], dim=3).reshape(b, hkv * c2, 2, d), recv.permute(1, 0, 2, 3)], 1)
     keys = rows.index_select(1, dplan.key_index).view(b, hkv, -1, 2, d)
     return chunk_attention(q, keys[..., 0, :], keys[..., 1, :], q_pos, dplan.key_pos, pattern,

@@ -9,54 +9,89 @@ LSE, is the chunk's attention. Both passes' backward take the final merged outpu
 The chunk at position 0 (CP rank 0's first) holds every key it reads: it runs the one-GPU
 layer kernel (``attention/backends.py``'s choice for the pattern). A layout whose chunk starts
 inside (0, S + W - 1) (chunks shorter than the window) has no ``SinkWindowLayout``: the compact
-chunk path serves it.
+chunk path serves it. ``exchange.SinkWindowExchange`` runs a rank's chunks in one autograd node.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from megatron_longgen.attention.backends import DensePairBackend, resolve_backend
+from megatron_longgen.attention.backends import DensePairBackend
 from megatron_longgen.attention.patterns import AttnSinkPattern, Pattern
 from megatron_longgen.parallel.cp.compute import merge
 
 
 @dataclass(frozen=True)
 class RowGather:
-    """K/V rows of (KV head, global position) pairs, head-major, taken straight from this
-    rank's K/V (``local_head``, ``local_index``) or from the received rows (``recv_row``):
-    no copy of the rank's whole K/V is made. ``order`` puts cat(local, received) in place."""
+    """K/V rows of (KV head, global position) pairs, head-major [hkv, per_head], taken straight
+    from this rank's K/V (rows ``local_row`` = h * 2c + i, written to ``local_dst``) or from
+    the received rows (``recv_row``, written to ``recv_dst``): no copy of the rank's whole K/V.
+    Destinations are (head, index) pairs of the [b, hkv, per_head, d] rows."""
 
     per_head: int
-    local_head: torch.Tensor
-    local_index: torch.Tensor
+    local_row: torch.Tensor
+    local_src: Tuple[torch.Tensor, torch.Tensor]
+    local_dst: Tuple[torch.Tensor, torch.Tensor]
     recv_row: torch.Tensor
-    order: torch.Tensor
+    recv_dst: Tuple[torch.Tensor, torch.Tensor]
 
     @staticmethod
     def build(rows: torch.Tensor, num_local: int, chunk2: int, per_head: int, device) -> "RowGather":
         """From flat row indices [hkv * per_head] into cat(local [hkv * 2c], received)."""
         local = rows < num_local
-        order = torch.empty(len(rows), dtype=torch.long)
-        order[local] = torch.arange(int(local.sum()))
-        order[~local] = int(local.sum()) + torch.arange(int((~local).sum()))
-        fields = (rows[local] // chunk2, rows[local] % chunk2, rows[~local] - num_local, order)
-        return RowGather(per_head, *(t.to(device) for t in fields))
+        dst = torch.arange(len(rows))
 
-    def __call__(self, k, v, recv) -> Tuple[torch.Tensor, torch.Tensor]:
-        """k/v [b, hkv, 2c, d], recv [M, b, 2, d] -> K and V rows [b, hkv, per_head, d]."""
+        def pair(flat, width):
+            return flat.div(width, rounding_mode="floor").to(device), (flat % width).to(device)
+
+        return RowGather(per_head, rows[local].to(device), pair(rows[local], chunk2),
+                         pair(dst[local], per_head), (rows[~local] - num_local).to(device),
+                         pair(dst[~local], per_head))
+
+    @property
+    def all_received(self) -> bool:
+        return not len(self.local_row)
+
+    def write(self, k, v, recv, out_k, out_v) -> None:
+        """k/v [b, hkv, 2c, d], recv [M, b, 2, d] -> the rows into out_k/out_v [b, hkv, n, d]."""
+        if len(self.recv_row):
+            rows = recv.index_select(0, self.recv_row)  # [r, b, 2, d], destination order
+            if self.all_received:  # every destination, in order: one strided copy each
+                rows = rows.view(out_k.shape[1], self.per_head, *rows.shape[1:]).permute(2, 0, 1, 3, 4)
+                out_k.copy_(rows[..., 0, :])
+                out_v.copy_(rows[..., 1, :])
+            else:
+                out_k[:, self.recv_dst[0], self.recv_dst[1]] = rows[:, :, 0].transpose(0, 1)
+                out_v[:, self.recv_dst[0], self.recv_dst[1]] = rows[:, :, 1].transpose(0, 1)
+        if len(self.local_row):
+            out_k[:, self.local_dst[0], self.local_dst[1]] = k[:, self.local_src[0], self.local_src[1]]
+            out_v[:, self.local_dst[0], self.local_dst[1]] = v[:, self.local_src[0], self.local_src[1]]
+
+    def rows(self, k, v, recv) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rows as new tensors [b, hkv, n, d]."""
         b, hkv, _, d = k.shape
-        received = recv.index_select(0, self.recv_row)  # [n, b, 2, d]
+        out_k, out_v = (k.new_empty(b, hkv, self.per_head, d) for _ in range(2))
+        self.write(k, v, recv, out_k, out_v)
+        return out_k, out_v
 
-        def take(x, i):
-            rows = torch.cat([x[:, self.local_head, self.local_index], received[:, :, i].transpose(0, 1)], 1)
-            return rows.index_select(1, self.order).view(b, hkv, self.per_head, d)
-
-        return take(k, 0), take(v, 1)
+    def add_grads(self, grad_k, grad_v, grad_local, grad_recv) -> None:
+        """The rows' gradients (grad_k/grad_v [b, hkv, n, d]) added into ``grad_local``
+        [2, b, hkv * 2c, d] (this rank's dK, dV) and ``grad_recv`` [M, b, 2, d]; a row read
+        twice gets both."""
+        if len(self.recv_row):
+            if self.all_received:
+                rows = torch.stack([grad_k, grad_v], 3).permute(1, 2, 0, 3, 4).flatten(0, 1)
+            else:
+                rows = torch.stack([g[:, self.recv_dst[0], self.recv_dst[1]] for g in (grad_k, grad_v)], 2)
+                rows = rows.transpose(0, 1)
+            grad_recv.index_add_(0, self.recv_row, rows.to(grad_recv.dtype))
+        if len(self.local_row):
+            for i, g in enumerate((grad_k, grad_v)):
+                grad_local[i].index_add_(1, self.local_row, g[:, self.local_dst[0], self.local_dst[1]].to(grad_local.dtype))
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,9 @@ class SinkWindowLayout:
         head = next((i for i, s in enumerate(starts) if s == 0), None)
         return SinkWindowLayout(c, sink, window, windowed, halos, gather(torch.arange(sink)), head)
 
+    def part(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_len, (chunk + 1) * self.chunk_len)
+
 
 class _RowLookup:
     """Row index of (KV head, global position) in the compact layout, for every KV head."""
@@ -120,10 +158,6 @@ def _merge_passes(out_w, lse_w, out_s, lse_s, dtype: torch.dtype):
     return out.to(dtype), lse
 
 
-def _sum_grads(a, b, dtype: torch.dtype):
-    return (a.to(torch.promote_types(dtype, torch.float32)) + b).to(dtype)
-
-
 @functools.lru_cache(maxsize=None)
 def _fused(fn):
     """``fn`` as one compiled kernel on CUDA: unfused, its float32 passes over [b, h, c, d]
@@ -135,16 +169,37 @@ def _on(device: torch.device, fn):
     return _fused(fn) if device.type == "cuda" else fn
 
 
+def chunk_forward(q, kw, vw, ks, vs, kernel: DensePairBackend, scale: float, window: int):
+    """One query chunk q [b, hq, c, d] over its window run kw/vw [b, hkv, W - 1 + c, d] and the
+    sinks ks/vs [b, hkv, S, d] (None without sinks) -> out in q's dtype, lse float32."""
+    out, lse = kernel.forward(q, kw, vw, scale, True, window=window)
+    if ks is not None:
+        out, lse = _on(q.device, _merge_passes)(out, lse, *kernel.forward(q, ks, vs, scale, False), q.dtype)
+    return out.to(q.dtype), lse
+
+
+def chunk_backward(q, kw, vw, ks, vs, out, lse, dout, kernel: DensePairBackend, scale: float,
+                   window: int, dq_out: Optional[torch.Tensor] = None):
+    """The chunk's gradients from the final output and LSE: dq (written into ``dq_out`` if
+    given), dkw, dvw and dks, dvs (None without sinks), in the inputs' dtypes."""
+    dq, dkw, dvw = kernel.backward(q, kw, vw, out, lse, dout, scale, True, window=window)
+    dks = dvs = None
+    if ks is not None:
+        dq_sink, dks, dvs = kernel.backward(q, ks, vs, out, lse, dout, scale, False)
+        # One rounding to q's dtype: torch.add computes 16-bit sums in float32.
+        dq = torch.add(dq, dq_sink, out=dq_out) if dq_out is not None else (dq + dq_sink).to(q.dtype)
+        dks, dvs = dks.to(ks.dtype), dvs.to(vs.dtype)
+    elif dq_out is not None:
+        dq = dq_out.copy_(dq)
+    return dq.to(q.dtype), dkw.to(kw.dtype), dvw.to(vw.dtype), dks, dvs
+
+
 class SinkWindowAttention(torch.autograd.Function):
-    """One query chunk: a window pass over its contiguous keys and a dense pass over the sinks,
-    merged by LSE; the backward gives each pass the final output and LSE."""
+    """One query chunk as an autograd node (``chunk_forward`` / ``chunk_backward``)."""
 
     @staticmethod
     def forward(ctx, q, kw, vw, ks, vs, kernel: DensePairBackend, scale: float, window: int):
-        out, lse = kernel.forward(q, kw, vw, scale, True, window=window)
-        if ks is not None:
-            out, lse = _on(q.device, _merge_passes)(out, lse, *kernel.forward(q, ks, vs, scale, False), q.dtype)
-        out = out.to(q.dtype)
+        out, lse = chunk_forward(q, kw, vw, ks, vs, kernel, scale, window)
         ctx.save_for_backward(q, kw, vw, ks, vs, out, lse)
         ctx.kernel, ctx.scale, ctx.window = kernel, scale, window
         return out
@@ -152,33 +207,5 @@ class SinkWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, kw, vw, ks, vs, out, lse = ctx.saved_tensors
-        kernel, scale = ctx.kernel, ctx.scale
-        dq, dkw, dvw = kernel.backward(q, kw, vw, out, lse, dout, scale, True, window=ctx.window)
-        dks = dvs = None
-        if ks is not None:
-            dq_sink, dks, dvs = kernel.backward(q, ks, vs, out, lse, dout, scale, False)
-            dq = _on(q.device, _sum_grads)(dq, dq_sink, q.dtype)
-            dks, dvs = dks.to(ks.dtype), dvs.to(vs.dtype)
-        return (dq.to(q.dtype), dkw.to(kw.dtype), dvw.to(vw.dtype), dks, dvs, None, None, None)
-
-
-def sink_window_attention(q, k, v, recv, layout: SinkWindowLayout, kernel: DensePairBackend,
-                          pattern: AttnSinkPattern, heads: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's tokens), recv [M, b, 2, d] (the
-    received K/V rows) -> out [b, hq, 2c, d]."""
-    c = layout.chunk_len
-    outs: List[Optional[torch.Tensor]] = [None, None]
-    if layout.windowed:
-        ks, vs = layout.sinks(k, v, recv) if layout.sink_tokens else (None, None)
-        for i, halo in zip(layout.windowed, layout.halos):
-            part = slice(i * c, (i + 1) * c)
-            kh, vh = halo(k, v, recv)
-            kw, vw = torch.cat([kh, k[:, :, part]], 2), torch.cat([vh, v[:, :, part]], 2)
-            outs[i] = SinkWindowAttention.apply(q[:, :, part], kw, vw, ks, vs, kernel, scale,
-                                                layout.window_size)
-    if layout.head_chunk is not None:  # every key it reads is local: the one-GPU layer kernel
-        part = slice(layout.head_chunk * c, (layout.head_chunk + 1) * c)
-        backend = resolve_backend("auto", pattern, q.device)
-        outs[layout.head_chunk] = backend.fn(q[:, :, part], k[:, :, part], v[:, :, part],
-                                             pattern=pattern, heads=heads, scale=scale)
-    return torch.cat(outs, dim=2)
+        grads = chunk_backward(q, kw, vw, ks, vs, out, lse, dout, ctx.kernel, ctx.scale, ctx.window)
+        return grads + (None, None, None)
