@@ -60,15 +60,20 @@ class DevicePlan:
                             if pattern is not None else None)
 
 
-def _send_rows(k, v, dplan: DevicePlan) -> torch.Tensor:
-    """The rows this rank sends, straight from k/v (no copy of the whole K/V): [N, b, 2, d]."""
-    return torch.stack([k[:, dplan.send_head, dplan.send_pos], v[:, dplan.send_head, dplan.send_pos]],
+def _exchange_rows(k, v, dplan: DevicePlan, group, layer: int) -> torch.Tensor:
+    """The forward all-to-all: the rows this rank sends, taken straight from k/v (no copy of
+    the whole K/V) -> the received rows [M, b, 2, d]."""
+    send = torch.stack([k[:, dplan.send_head, dplan.send_pos], v[:, dplan.send_head, dplan.send_pos]],
                        dim=2).transpose(0, 1)
+    return all_to_all_rows(send, dplan.send_splits, dplan.recv_splits, group, layer, "exchange", "fwd")
 
 
-def _add_returned(grad_send: torch.Tensor, dplan: DevicePlan, grad_local: torch.Tensor) -> None:
-    """The gradients of the sent rows (grad_send [N, b, 2, d]) added into this rank's dK/dV
-    ``grad_local`` [2, b, hkv * 2c, d]: one token may serve several ranks."""
+def _return_grads(grad_recv: torch.Tensor, dplan: DevicePlan, group, layer: int,
+                  grad_local: torch.Tensor) -> None:
+    """The backward all-to-all: the received rows' gradients go back to their owners, which add
+    them into their dK/dV ``grad_local`` [2, b, hkv * 2c, d] (one token may serve several ranks)."""
+    grad_send = all_to_all_rows(grad_recv, dplan.recv_splits, dplan.send_splits, group, layer,
+                                "exchange", "bwd")
     for i in (0, 1):
         grad_local[i].index_add_(1, dplan.send_index, grad_send[:, :, i].transpose(0, 1).to(grad_local.dtype))
 
@@ -76,19 +81,15 @@ def _add_returned(grad_send: torch.Tensor, dplan: DevicePlan, grad_local: torch.
 class ExchangeKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, dplan: DevicePlan, group, layer: int):
-        recv = all_to_all_rows(_send_rows(k, v, dplan), dplan.send_splits, dplan.recv_splits, group,
-                               layer, "exchange", "fwd")
+        recv = _exchange_rows(k, v, dplan, group, layer)
         ctx.dplan, ctx.group, ctx.layer, ctx.shape = dplan, group, layer, k.shape
         return recv  # [M, b, 2, d]
 
     @staticmethod
     def backward(ctx, grad_recv):
-        dplan = ctx.dplan
-        grad_send = all_to_all_rows(grad_recv, dplan.recv_splits, dplan.send_splits, ctx.group,
-                                    ctx.layer, "exchange", "bwd")
         b, hkv, c2, d = ctx.shape
-        grad = grad_send.new_zeros(2, b, hkv, c2, d)
-        _add_returned(grad_send, dplan, grad.view(2, b, hkv * c2, d))
+        grad = grad_recv.new_zeros(2, b, hkv, c2, d)
+        _return_grads(grad_recv, ctx.dplan, ctx.group, ctx.layer, grad.view(2, b, hkv * c2, d))
         return grad[0], grad[1], None, None, None
 
 
@@ -102,8 +103,7 @@ class SinkWindowExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dplan: DevicePlan, group, layer: int, kernel, pattern, heads, scale: float):
         layout = dplan.sink_window
-        recv = all_to_all_rows(_send_rows(k, v, dplan), dplan.send_splits, dplan.recv_splits, group,
-                               layer, "exchange", "fwd")
+        recv = _exchange_rows(k, v, dplan, group, layer)
         b, hkv, _, d = k.shape
         halo, window = layout.window_size - 1, layout.window_size
         ks, vs = layout.sinks.rows(k, v, recv) if layout.sink_tokens else (None, None)
@@ -148,9 +148,8 @@ class SinkWindowExchange(torch.autograd.Function):
         for j, (i, gather) in enumerate(zip(layout.windowed, layout.halos)):
             part = layout.part(i)
             kw, vw = runs[2 * j], runs[2 * j + 1]
-            _, dkw, dvw, dks, dvs = chunk_backward(q[:, :, part], kw, vw, ks, vs, out[:, :, part], lses[j],
-                                                   dout[:, :, part], ctx.kernel, ctx.scale, window,
-                                                   dq_out=dq[:, :, part])
+            dkw, dvw, dks, dvs = chunk_backward(q[:, :, part], kw, vw, ks, vs, out[:, :, part], lses[j],
+                                                dout[:, :, part], ctx.kernel, ctx.scale, window, dq[:, :, part])
             grad_local[0][:, :, part] = dkw[:, :, halo:]
             grad_local[1][:, :, part] = dvw[:, :, halo:]
             halo_grads.append((gather, dkw[:, :, :halo], dvw[:, :, :halo]))
@@ -169,9 +168,7 @@ class SinkWindowExchange(torch.autograd.Function):
             gather.add_grads(grad_k, grad_v, flat, grad_recv)
         if sink_grads is not None:
             layout.sinks.add_grads(*sink_grads, flat, grad_recv)
-        grad_send = all_to_all_rows(grad_recv, dplan.recv_splits, dplan.send_splits, ctx.group,
-                                    ctx.layer, "exchange", "bwd")
-        _add_returned(grad_send, dplan, flat)
+        _return_grads(grad_recv, dplan, ctx.group, ctx.layer, flat)
         return (dq, grad_local[0], grad_local[1]) + (None,) * 7
 
 

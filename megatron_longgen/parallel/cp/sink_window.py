@@ -9,7 +9,8 @@ LSE, is the chunk's attention. Both passes' backward take the final merged outpu
 The chunk at position 0 (CP rank 0's first) holds every key it reads: it runs the one-GPU
 layer kernel (``attention/backends.py``'s choice for the pattern). A layout whose chunk starts
 inside (0, S + W - 1) (chunks shorter than the window) has no ``SinkWindowLayout``: the compact
-chunk path serves it. ``exchange.SinkWindowExchange`` runs a rank's chunks in one autograd node.
+chunk path serves it. ``exchange.SinkWindowExchange`` runs a rank's chunks (``chunk_forward`` /
+``chunk_backward``) in one autograd node.
 """
 
 from __future__ import annotations
@@ -179,33 +180,16 @@ def chunk_forward(q, kw, vw, ks, vs, kernel: DensePairBackend, scale: float, win
 
 
 def chunk_backward(q, kw, vw, ks, vs, out, lse, dout, kernel: DensePairBackend, scale: float,
-                   window: int, dq_out: Optional[torch.Tensor] = None):
-    """The chunk's gradients from the final output and LSE: dq (written into ``dq_out`` if
-    given), dkw, dvw and dks, dvs (None without sinks), in the inputs' dtypes."""
-    dq, dkw, dvw = kernel.backward(q, kw, vw, out, lse, dout, scale, True, window=window)
+                   window: int, dq: torch.Tensor):
+    """The chunk's gradients from the final output and LSE: dq written into ``dq`` (q's shape
+    and dtype); returns dkw, dvw and dks, dvs (None without sinks), in the inputs' dtypes."""
+    dq_window, dkw, dvw = kernel.backward(q, kw, vw, out, lse, dout, scale, True, window=window)
     dks = dvs = None
     if ks is not None:
         dq_sink, dks, dvs = kernel.backward(q, ks, vs, out, lse, dout, scale, False)
         # One rounding to q's dtype: torch.add computes 16-bit sums in float32.
-        dq = torch.add(dq, dq_sink, out=dq_out) if dq_out is not None else (dq + dq_sink).to(q.dtype)
+        torch.add(dq_window, dq_sink, out=dq)
         dks, dvs = dks.to(ks.dtype), dvs.to(vs.dtype)
-    elif dq_out is not None:
-        dq = dq_out.copy_(dq)
-    return dq.to(q.dtype), dkw.to(kw.dtype), dvw.to(vw.dtype), dks, dvs
-
-
-class SinkWindowAttention(torch.autograd.Function):
-    """One query chunk as an autograd node (``chunk_forward`` / ``chunk_backward``)."""
-
-    @staticmethod
-    def forward(ctx, q, kw, vw, ks, vs, kernel: DensePairBackend, scale: float, window: int):
-        out, lse = chunk_forward(q, kw, vw, ks, vs, kernel, scale, window)
-        ctx.save_for_backward(q, kw, vw, ks, vs, out, lse)
-        ctx.kernel, ctx.scale, ctx.window = kernel, scale, window
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, kw, vw, ks, vs, out, lse = ctx.saved_tensors
-        grads = chunk_backward(q, kw, vw, ks, vs, out, lse, dout, ctx.kernel, ctx.scale, ctx.window)
-        return grads + (None, None, None)
+    else:
+        dq.copy_(dq_window)
+    return dkw.to(kw.dtype), dvw.to(vw.dtype), dks, dvs
